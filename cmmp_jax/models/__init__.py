@@ -1,0 +1,60 @@
+"""The CMMPNet model family (Flax linen, NHWC). `build_model(config.model)` picks one by name.
+
+Every model is applied as `model.apply(variables, image, aux, train=...)` and returns logits
+(N, H, W, 1) float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from cmmp_jax.models.backbones import Autoencoder
+from cmmp_jax.models.cmmpnet import (CMMPNet, DualBranchNet, GatedFusionNet, LateFusion,
+                                     SingleBranchNet)
+from cmmp_jax.models.dem import DualEnhancement
+
+# name -> (class, fixed fields). Paper Tables II, V-VII.
+MODELS = {
+    "cmmpnet": (CMMPNet, {}),
+    "image_only": (SingleBranchNet, {"inputs": "image"}),
+    "aux_only": (SingleBranchNet, {"inputs": "aux"}),
+    "early_fusion": (SingleBranchNet, {"inputs": "early_fusion"}),
+    "late_fusion": (LateFusion, {}),
+    "gated_fusion": (GatedFusionNet, {}),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DEM_FIELDS = ("use_local", "use_global", "use_gate", "spp_levels", "local_kernel_size")
+
+
+def build_model(model_config: Mapping[str, Any]):
+  """Builds a model from a config mapping (e.g. `config.model`).
+
+  Fields: name (one of MODELS), backbone, width, depths, aux_channels, decoder, upsample_method,
+  dtype ('float32' | 'bfloat16'), remat, and for 'cmmpnet' the DEM fields use_local, use_global,
+  use_gate, spp_levels, local_kernel_size. Unknown names or dtypes raise ValueError.
+  """
+  cfg = dict(model_config)
+  name = cfg.pop("name", "cmmpnet")
+  if name not in MODELS:
+    raise ValueError(f"config.model.name must be one of {sorted(MODELS)}, got {name!r}")
+  cls, fixed = MODELS[name]
+  dtype = cfg.pop("dtype", "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+  if name != "cmmpnet":
+    for field in _DEM_FIELDS:
+      cfg.pop(field, None)  # DEM switches only shape CMMPNet
+  for key in ("depths", "spp_levels"):
+    if key in cfg:
+      cfg[key] = tuple(int(v) for v in cfg[key])
+  known = set(cls.__dataclass_fields__) - {"parent", "name"}
+  unknown = sorted(set(cfg) - known)
+  if unknown:
+    raise ValueError(f"config.model has fields {unknown} that model {name!r} does not take; "
+                     f"known: {sorted(known)}")
+  return cls(**fixed, **cfg, dtype=DTYPES[dtype])
+
+
+__all__ = ["Autoencoder", "CMMPNet", "DualBranchNet", "DualEnhancement", "GatedFusionNet",
+           "LateFusion", "MODELS", "SingleBranchNet", "build_model"]
