@@ -144,7 +144,8 @@ def _unshear(y, direction: int, w: int):
 class SunTransposedConv1D(nn.Module):
   """Sun et al.'s 1D-decoder upsampling: (N, H, W, C) -> (N, 2H, 2W, features).
 
-  Half the channels come from the usual 3x3/2 transposed conv; the other half from four 9-tap 1D
+  Half the channels come from the usual 3x3/2 transposed conv; the other half (features // 8
+  each) from four 9-tap 1D
   convolutions at the input resolution (1x9 horizontal, 9x1 vertical, and the two diagonals,
   computed by shearing the map so a diagonal becomes a column, a 9x1 conv, and unshearing),
   concatenated and upsampled 2x by nearest neighbour. The 1D kernels follow long thin roads.
@@ -155,11 +156,12 @@ class SunTransposedConv1D(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    n, h, w, _ = x.shape
-    half = max(1, self.features // 2)
-    part = max(1, (self.features - half) // 4)
+    _, _, w, _ = x.shape
+    part = self.features // 8  # each 1D direction; the square transposed conv gets the rest
     square = ConvTranspose(self.features - 4 * part, 3, method=self.upsample_method,
                            dtype=self.dtype, name="square")(x)
+    if part == 0:
+      return square
     line = lambda k, name: Conv1D(part, k, dtype=self.dtype, name=name)
     lines = [line((1, 9), "horizontal")(x), line((9, 1), "vertical")(x)]
     for direction, name in ((1, "antidiagonal"), (-1, "diagonal")):

@@ -1,0 +1,1 @@
+"""Benchmarks: timing scripts runnable as `python -m benchmarks.NAME`."""

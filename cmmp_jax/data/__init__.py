@@ -1,0 +1,1 @@
+"""Data: trajectory rendering, geo helpers, synthetic city, augmentation and the grain pipeline."""

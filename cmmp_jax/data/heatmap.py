@@ -1,0 +1,652 @@
+"""GPS samples -> trajectory rasters: the paper's heat-map, Sun et al.'s channels, augmentations.
+
+Pixel convention used everywhere in this module: a point has continuous pixel coordinates
+(col, row) with col = x growing east and row = y growing south; it falls in pixel
+(floor(row), floor(col)) and is inside an H x W tile iff 0 <= col < W and 0 <= row < H.
+Points outside the tile or with a NaN/inf coordinate are dropped and counted (RenderStats),
+never raised on: GPS tables always hold points of the neighbouring tiles and glitches.
+
+Heat-map (paper, section III): count the samples per pixel, normalise with a logarithm,
+smooth with a 3x3 Gaussian. The paper names no exact formula, so this module uses
+
+    h = log(1 + count) / log(1 + max_count_in_tile)      (0 where the tile has no sample)
+    heatmap = GaussianBlur3x3(h), kernel [1, 2, 1]^T [1, 2, 1] / 16, border reflect-101
+
+because (a) log(1 + c) maps an empty pixel to 0 and keeps a single sample visible, which is
+the stated purpose of the logarithm (pale, rarely travelled roads); (b) dividing by the tile's
+own maximum puts every tile in [0, 1] whatever its traffic, which is what the later GPS
+rendering work on BJRoad does (TCRender's log render); (c) [1, 2, 1] / 4 is exactly what
+OpenCV's GaussianBlur(ksize=3, sigma=0) uses (sigma 0.8), with the same default border, so the
+result equals cv2.GaussianBlur on the normalised map. The blur is a convex combination, so the
+output stays in [0, 1]; it is not re-normalised after smoothing.
+
+Bulk rendering (`render_tiles`, `iter_render_tiles`) buckets a whole city's table in one pass
+and reproduces `render_heatmap(*lonlat_to_pixel(lon, lat, bounds, H, W), H, W)` bit for bit
+for every tile, overlapping or not.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+
+# Sun et al. store speed * 0.1 clipped to 255 (uint8) and interval * 0.5 clipped to 255, i.e.
+# speed saturates at 2550 m/min (153 km/h) and the sampling interval at 510 s.
+SPEED_SCALE_M_PER_MIN = 2550.0
+INTERVAL_SCALE_S = 510.0
+
+CHANNEL_NAMES = ("heatmap", "mean_speed", "max_speed", "mean_interval", "heading_sin",
+                 "heading_cos")
+# Which keyword argument of `render_channels` each channel is computed from.
+_CHANNEL_INPUT = {
+    "heatmap": None,
+    "mean_speed": "speed",
+    "max_speed": "speed",
+    "mean_interval": "interval",
+    "heading_sin": "heading_deg",
+    "heading_cos": "heading_deg",
+}
+
+DEFAULT_CHUNK_SIZE = 4_000_000
+
+# The blur kernel along one axis (outer product gives the 3x3 kernel); exact in binary.
+_BLUR_TAPS = (0.25, 0.5, 0.25)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderStats:
+  """What happened to the points handed to a renderer.
+
+  n_total = n_rendered + n_outside + n_nonfinite.
+  """
+  n_total: int
+  n_rendered: int
+  n_outside: int
+  n_nonfinite: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Coordinates.
+
+
+def check_bounds(bounds, name: str = "bounds") -> tuple[float, float, float, float]:
+  """(west, south, east, north) as four Python floats; ValueError naming `name` unless finite
+  with west < east and south < north."""
+  values = np.asarray(bounds, dtype=np.float64)
+  if values.shape != (4,):
+    raise ValueError(f"{name} must be (west, south, east, north), got shape {values.shape}")
+  if not np.all(np.isfinite(values)):
+    raise ValueError(f"{name} must be finite, got {tuple(values.tolist())}")
+  west, south, east, north = (float(v) for v in values)
+  if not (west < east and south < north):
+    raise ValueError(
+        f"{name} must satisfy west < east and south < north, got {tuple(values.tolist())}")
+  return west, south, east, north
+
+
+def _check_size(height: int, width: int) -> tuple[int, int]:
+  for name, value in (("height", height), ("width", width)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if int(height) * int(width) >= 2**31:
+    raise ValueError(f"tile of {height} x {width} pixels is too large (pixel index is int32)")
+  return int(height), int(width)
+
+
+def _project(lon, lat, west, south, east, north, height, width):
+  """The one formula mapping lon/lat to continuous pixel coordinates (float64).
+
+  `render_tiles` calls it with per-point arrays of bounds, `lonlat_to_pixel` with scalars; the
+  arithmetic is elementwise IEEE and identical, which makes bulk rendering bit-exact. The form
+  (x - west) / (east - west) * width (not x * precomputed_scale) guarantees x >= east gives
+  col >= width, so a point is never inside a tile whose box [west, east) x (south, north] it
+  lies outside of; the bulk bucketing relies on that.
+  """
+  cols = (lon - west) / (east - west) * width
+  rows = (north - lat) / (north - south) * height
+  return cols, rows
+
+
+def lonlat_to_pixel(lon, lat, bounds, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Maps lon/lat to continuous pixel coordinates of a tile by a linear mapping.
+
+  Args:
+    lon, lat: float arrays (any equal shape) in degrees (or any planar x/y in bounds' units).
+    bounds: (west, south, east, north) of the tile, same units as lon/lat.
+    height, width: tile size in pixels.
+
+  Returns:
+    (cols, rows): float64 arrays of lon's shape. The north-west corner is (0, 0), the
+    south-east corner (width, height); pixel (r, c) covers cols [c, c+1), rows [r, r+1).
+  """
+  west, south, east, north = check_bounds(bounds)
+  height, width = _check_size(height, width)
+  lon = np.asarray(lon, dtype=np.float64)
+  lat = np.asarray(lat, dtype=np.float64)
+  if lon.shape != lat.shape:
+    raise ValueError(f"lon and lat must have the same shape, got {lon.shape} and {lat.shape}")
+  return _project(lon, lat, west, south, east, north, height, width)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-tile rendering.
+
+
+def _points(cols, rows) -> tuple[np.ndarray, np.ndarray]:
+  cols = np.asarray(cols, dtype=np.float64).ravel()
+  rows = np.asarray(rows, dtype=np.float64).ravel()
+  if cols.shape != rows.shape:
+    raise ValueError(f"cols and rows must have the same number of points, got {cols.size} "
+                     f"and {rows.size}")
+  return cols, rows
+
+
+def _pixel_index(cols: np.ndarray, rows: np.ndarray, height: int, width: int):
+  """Flat pixel index (row * width + col, int64) of the inside points, their mask, the stats."""
+  finite = np.isfinite(cols) & np.isfinite(rows)
+  inside = finite & (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+  # Inside points are non-negative, so truncation is floor.
+  flat = rows[inside].astype(np.int64) * width + cols[inside].astype(np.int64)
+  n_total = int(cols.size)
+  n_rendered = int(flat.size)
+  n_nonfinite = int(n_total - np.count_nonzero(finite))
+  stats = RenderStats(n_total=n_total, n_rendered=n_rendered,
+                      n_outside=n_total - n_rendered - n_nonfinite, n_nonfinite=n_nonfinite)
+  return flat, inside, stats
+
+
+def count_points(cols, rows, height: int, width: int) -> tuple[np.ndarray, RenderStats]:
+  """Number of points per pixel.
+
+  Args:
+    cols, rows: float arrays of pixel coordinates (col = x, row = y), same length.
+    height, width: tile size.
+
+  Returns:
+    (counts, stats): counts is int64 (height, width); stats says how many points were rendered,
+    fell outside the tile, or had a NaN/inf coordinate.
+  """
+  height, width = _check_size(height, width)
+  cols, rows = _points(cols, rows)
+  flat, _, stats = _pixel_index(cols, rows, height, width)
+  counts = np.bincount(flat, minlength=height * width).reshape(height, width)
+  return counts, stats
+
+
+def gaussian_blur_3x3(values: np.ndarray) -> np.ndarray:
+  """3x3 Gaussian blur [1, 2, 1]^T [1, 2, 1] / 16 with OpenCV's default reflect-101 border.
+
+  Args:
+    values: float (H, W) array.
+
+  Returns:
+    float64 (H, W), equal to cv2.GaussianBlur(values, (3, 3), 0) up to float rounding.
+  """
+  values = np.asarray(values, dtype=np.float64)
+  if values.ndim != 2:
+    raise ValueError(f"gaussian_blur_3x3 expects an (H, W) array, got shape {values.shape}")
+  # numpy's 'reflect' mirrors without repeating the edge sample, i.e. OpenCV's BORDER_REFLECT_101.
+  padded = np.pad(values, 1, mode="reflect")
+  a, b, c = _BLUR_TAPS
+  vertical = a * padded[:-2] + b * padded[1:-1] + c * padded[2:]
+  return a * vertical[:, :-2] + b * vertical[:, 1:-1] + c * vertical[:, 2:]
+
+
+def _counts_to_heatmap(counts: np.ndarray) -> np.ndarray:
+  """(H, W) integer counts -> float32 (H, W) heat-map in [0, 1] (log-normalise, then blur)."""
+  max_count = int(counts.max()) if counts.size else 0
+  if max_count == 0:
+    return np.zeros(counts.shape, dtype=np.float32)
+  normalised = np.log1p(counts.astype(np.float64)) / np.log1p(float(max_count))
+  blurred = gaussian_blur_3x3(normalised)
+  return np.clip(blurred, 0.0, 1.0).astype(np.float32)
+
+
+def render_heatmap(cols, rows, height: int, width: int, *, return_stats: bool = False):
+  """Renders GPS samples into the paper's trajectory heat-map.
+
+  h = log(1 + count) / log(1 + max count of the tile), then a 3x3 Gaussian blur ([1, 2, 1] / 4
+  per axis, reflect-101 border); see the module docstring for why this normalisation.
+
+  Args:
+    cols, rows: float arrays of pixel coordinates (col = x, row = y), same length; a point at
+      (col, row) falls in pixel (floor(row), floor(col)). Points outside the tile or with a
+      NaN/inf coordinate are dropped and counted.
+    height, width: tile size H, W.
+    return_stats: also return a RenderStats.
+
+  Returns:
+    float32 (H, W) in [0, 1]; all zeros when no point falls in the tile. With return_stats,
+    (heatmap, RenderStats).
+  """
+  counts, stats = count_points(cols, rows, height, width)
+  heatmap = _counts_to_heatmap(counts)
+  return (heatmap, stats) if return_stats else heatmap
+
+
+def heatmap_to_uint8(heatmap) -> np.ndarray:
+  """Heat-map in [0, 1] -> uint8 of the same shape, round(h * 255) (round half to even)."""
+  heatmap = np.asarray(heatmap)
+  if not np.issubdtype(heatmap.dtype, np.floating):
+    raise ValueError(f"heatmap must be a float array, got dtype {heatmap.dtype}")
+  if not np.all(np.isfinite(heatmap)):
+    raise ValueError("heatmap contains NaN or inf")
+  if heatmap.size and (heatmap.min() < 0 or heatmap.max() > 1):
+    raise ValueError(f"heatmap values must lie in [0, 1], got [{heatmap.min()}, {heatmap.max()}]")
+  return np.rint(heatmap.astype(np.float64) * 255.0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sun et al.'s extra channels.
+
+
+def _attribute(values, n_points: int, name: str) -> np.ndarray:
+  values = np.asarray(values, dtype=np.float64).ravel()
+  if values.size != n_points:
+    raise ValueError(f"{name} has {values.size} values but there are {n_points} points")
+  return values
+
+
+def _mean_per_pixel(flat: np.ndarray, values: np.ndarray, n_pixels: int) -> np.ndarray:
+  """Mean of the finite values per pixel, 0 where a pixel has none; float64 (n_pixels,)."""
+  keep = np.isfinite(values)
+  sums = np.bincount(flat[keep], weights=values[keep], minlength=n_pixels)
+  counts = np.bincount(flat[keep], minlength=n_pixels)
+  return np.divide(sums, counts, out=np.zeros(n_pixels), where=counts > 0)
+
+
+def _max_per_pixel(flat: np.ndarray, values: np.ndarray, n_pixels: int) -> np.ndarray:
+  """Max of the finite values per pixel, 0 where a pixel has none; float64 (n_pixels,)."""
+  keep = np.isfinite(values)
+  flat, values = flat[keep], values[keep]
+  result = np.zeros(n_pixels)
+  if flat.size == 0:
+    return result
+  # Sort by pixel, then value: the last entry of each pixel's run is its maximum.
+  order = np.lexsort((values, flat))
+  flat, values = flat[order], values[order]
+  last = np.append(flat[1:] != flat[:-1], True)
+  result[flat[last]] = values[last]
+  return result
+
+
+def render_channels(cols, rows, height: int, width: int, *, speed=None, interval=None,
+                    heading_deg=None, channels: Sequence[str] | None = None,
+                    speed_scale: float = SPEED_SCALE_M_PER_MIN,
+                    interval_scale: float = INTERVAL_SCALE_S,
+                    heading_zero_is_missing: bool = True) -> np.ndarray:
+  """Renders the heat-map and Sun et al.'s per-pixel attribute channels.
+
+  Channels (names in CHANNEL_NAMES), all in [0, 1], 0 on pixels without a usable point:
+    heatmap:       render_heatmap (the only smoothed channel).
+    mean_speed:    mean over the pixel's points of clip(speed / speed_scale, 0, 1).
+    max_speed:     max over the pixel's points of clip(speed / speed_scale, 0, 1).
+    mean_interval: mean of clip(interval / interval_scale, 0, 1).
+    heading_sin:   (1 + mean sin(heading)) / 2; heading clockwise from north, so sin is the
+                   east component of the direction of travel.
+    heading_cos:   (1 + mean cos(heading)) / 2 (north component).
+  Defaults follow Sun et al.: speed in m/min saturating at 2550 m/min, interval in s
+  saturating at 510 s. Attribute values that are NaN/inf are ignored for that channel (BJRoad's
+  first record of a vehicle has no interval). BJRoad writes heading 0 both for north and for a
+  stopped vehicle, so by default (heading_zero_is_missing) heading 0 is ignored, as Sun et al. do.
+
+  Args:
+    cols, rows: pixel coordinates as in render_heatmap.
+    height, width: tile size.
+    speed, interval, heading_deg: optional per-point float arrays, same length as cols.
+    channels: names to render, in this order; None means "heatmap" plus every channel whose
+      input was given.
+    speed_scale, interval_scale: values mapped to 1.
+    heading_zero_is_missing: ignore heading == 0 for the heading channels.
+
+  Returns:
+    float32 (H, W, C), C = len(channels).
+  """
+  height, width = _check_size(height, width)
+  cols, rows = _points(cols, rows)
+  given = {"speed": speed, "interval": interval, "heading_deg": heading_deg}
+  if channels is None:
+    channels = [name for name in CHANNEL_NAMES
+                if _CHANNEL_INPUT[name] is None or given[_CHANNEL_INPUT[name]] is not None]
+  channels = list(channels)
+  if not channels:
+    raise ValueError("channels must name at least one channel")
+  for name in channels:
+    if name not in _CHANNEL_INPUT:
+      raise ValueError(f"unknown channel {name!r}; known channels: {CHANNEL_NAMES}")
+    source = _CHANNEL_INPUT[name]
+    if source is not None and given[source] is None:
+      raise ValueError(f"channel {name!r} needs the {source}= argument")
+  for name, scale in (("speed_scale", speed_scale), ("interval_scale", interval_scale)):
+    if not (np.isfinite(scale) and scale > 0):
+      raise ValueError(f"{name} must be positive and finite, got {scale}")
+
+  n_pixels = height * width
+  flat, inside, _ = _pixel_index(cols, rows, height, width)
+  inputs = {key: _attribute(value, cols.size, key)[inside]
+            for key, value in given.items() if value is not None}
+
+  planes = {}
+  if "heatmap" in channels:
+    counts = np.bincount(flat, minlength=n_pixels).reshape(height, width)
+    planes["heatmap"] = _counts_to_heatmap(counts).astype(np.float64).ravel()
+  if "speed" in inputs:
+    # np.clip keeps NaN, so unusable speeds stay NaN and are skipped per pixel.
+    speed_unit = np.clip(inputs["speed"] / speed_scale, 0.0, 1.0)
+    if "mean_speed" in channels:
+      planes["mean_speed"] = _mean_per_pixel(flat, speed_unit, n_pixels)
+    if "max_speed" in channels:
+      planes["max_speed"] = _max_per_pixel(flat, speed_unit, n_pixels)
+  if "interval" in inputs and "mean_interval" in channels:
+    interval_unit = np.clip(inputs["interval"] / interval_scale, 0.0, 1.0)
+    planes["mean_interval"] = _mean_per_pixel(flat, interval_unit, n_pixels)
+  if "heading_deg" in inputs and ("heading_sin" in channels or "heading_cos" in channels):
+    heading = inputs["heading_deg"].copy()
+    if heading_zero_is_missing:
+      heading[heading == 0] = np.nan
+    radians = np.deg2rad(heading)
+    has_heading = np.bincount(flat[np.isfinite(radians)], minlength=n_pixels) > 0
+    for name, component in (("heading_sin", np.sin), ("heading_cos", np.cos)):
+      if name in channels:
+        mean = _mean_per_pixel(flat, component(radians), n_pixels)
+        planes[name] = np.where(has_heading, (1.0 + mean) / 2.0, 0.0)
+
+  stacked = np.stack([planes[name] for name in channels], axis=-1)
+  return np.clip(stacked, 0.0, 1.0).reshape(height, width, len(channels)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPS augmentations (pure functions; every random one takes an int seed or a Generator).
+
+
+def _generator(seed) -> np.random.Generator:
+  if isinstance(seed, np.random.Generator):
+    return seed
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise TypeError(f"seed must be an int or a numpy Generator, got {seed!r}")
+  return np.random.default_rng(int(seed))
+
+
+def _draw(value, rng: np.random.Generator, name: str, low: float, high: float) -> float:
+  """A fixed number, or a uniform draw when value is a (low, high) range; checked in [low, high]."""
+  if isinstance(value, (tuple, list)):
+    if len(value) != 2 or not value[0] <= value[1]:
+      raise ValueError(f"{name} range must be (low, high) with low <= high, got {value}")
+    lo, hi = float(value[0]), float(value[1])
+    if not (low <= lo and hi <= high):
+      raise ValueError(f"{name} range {value} must lie in [{low}, {high}]")
+    return float(rng.uniform(lo, hi))
+  value = float(value)
+  if not (np.isfinite(value) and low <= value <= high):
+    raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+  return value
+
+
+def _with_attributes(cols, rows, attributes):
+  cols, rows = _points(cols, rows)
+  attributes = tuple(_attribute(a, cols.size, f"attribute {i}") for i, a in enumerate(attributes))
+  return cols, rows, attributes
+
+
+def subsample_points(cols, rows, *attributes, keep_fraction, seed) -> tuple[np.ndarray, ...]:
+  """Keeps round(keep_fraction * N) points chosen uniformly without replacement.
+
+  Args:
+    cols, rows: float arrays of N point coordinates.
+    *attributes: per-point arrays (speed, time, ...) filtered alongside.
+    keep_fraction: in [0, 1], or a (low, high) range to draw it from (Sun et al.: (0.01, 1)).
+    seed: int or numpy Generator.
+
+  Returns:
+    (cols, rows, *attributes) of the kept points, float64, in their original order.
+  """
+  cols, rows, attributes = _with_attributes(cols, rows, attributes)
+  rng = _generator(seed)
+  fraction = _draw(keep_fraction, rng, "keep_fraction", 0.0, 1.0)
+  n_keep = int(round(fraction * cols.size))
+  kept = np.sort(rng.choice(cols.size, size=n_keep, replace=False))
+  return (cols[kept], rows[kept]) + tuple(a[kept] for a in attributes)
+
+
+def reduce_precision(cols, rows, *, grid_size, seed=None) -> tuple[np.ndarray, np.ndarray]:
+  """Snaps coordinates down to a grid of grid_size units: x -> floor(x / grid_size) * grid_size.
+
+  Snapping down (as Sun et al. do) keeps a point of [0, W) inside [0, W). Coordinates are in
+  whatever unit the caller uses (pixels, or metres for projected coordinates).
+
+  Args:
+    cols, rows: float arrays of point coordinates.
+    grid_size: positive grid step, or a (low, high) range drawn with seed.
+    seed: int or Generator; needed only when grid_size is a range.
+
+  Returns:
+    (cols, rows) float64.
+  """
+  cols, rows = _points(cols, rows)
+  if isinstance(grid_size, (tuple, list)) and seed is None:
+    raise ValueError("reduce_precision needs a seed when grid_size is a (low, high) range")
+  rng = _generator(seed) if seed is not None else None
+  step = _draw(grid_size, rng, "grid_size", 0.0, np.inf)
+  if step <= 0:
+    raise ValueError(f"grid_size must be positive, got {step}")
+  return np.floor(cols / step) * step, np.floor(rows / step) * step
+
+
+def perturb_points(cols, rows, *, sigma, seed) -> tuple[np.ndarray, np.ndarray]:
+  """Adds independent Gaussian noise N(0, sigma^2) to every coordinate.
+
+  Args:
+    cols, rows: float arrays of point coordinates.
+    sigma: noise standard deviation in coordinate units (pixels), >= 0, or a (low, high) range
+      to draw it from (Sun et al.: (0, 10) pixels).
+    seed: int or numpy Generator.
+
+  Returns:
+    (cols, rows) float64; points pushed off the tile are dropped later by the renderer.
+  """
+  cols, rows = _points(cols, rows)
+  rng = _generator(seed)
+  sigma = _draw(sigma, rng, "sigma", 0.0, np.inf)
+  noise = rng.normal(0.0, sigma, size=(2, cols.size)) if sigma > 0 else np.zeros((2, cols.size))
+  return cols + noise[0], rows + noise[1]
+
+
+def random_omission_rect(height: int, width: int, *, size_fraction=0.5,
+                         seed) -> tuple[float, float, float, float]:
+  """Draws the rectangle `omit_region` removes: (row0, col0, row1, col1), half-open.
+
+  Its size is size_fraction * (height, width); its centre is uniform over the tile, so it may
+  hang over the tile's edge (as in Sun et al., who place a half-size square anywhere).
+  """
+  height, width = _check_size(height, width)
+  rng = _generator(seed)
+  fraction = _draw(size_fraction, rng, "size_fraction", 0.0, 1.0)
+  rect_h, rect_w = fraction * height, fraction * width
+  centre_row, centre_col = rng.uniform(0.0, height), rng.uniform(0.0, width)
+  row0, col0 = centre_row - rect_h / 2, centre_col - rect_w / 2
+  return row0, col0, row0 + rect_h, col0 + rect_w
+
+
+def omit_region(cols, rows, *attributes, height: int, width: int, size_fraction=0.5,
+                seed) -> tuple[np.ndarray, ...]:
+  """Removes every point inside a random rectangle (simulates an area without GPS coverage).
+
+  The rectangle is random_omission_rect(height, width, size_fraction=..., seed=seed); a point
+  is removed iff row0 <= row < row1 and col0 <= col < col1.
+
+  Returns:
+    (cols, rows, *attributes) of the remaining points, float64, in their original order.
+  """
+  cols, rows, attributes = _with_attributes(cols, rows, attributes)
+  row0, col0, row1, col1 = random_omission_rect(height, width, size_fraction=size_fraction,
+                                                seed=seed)
+  keep = ~((rows >= row0) & (rows < row1) & (cols >= col0) & (cols < col1))
+  return (cols[keep], rows[keep]) + tuple(a[keep] for a in attributes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bulk rendering of many tiles from one city-wide table.
+
+
+def _check_tile_bounds(tile_bounds) -> np.ndarray:
+  tile_bounds = np.asarray(tile_bounds, dtype=np.float64)
+  if tile_bounds.ndim != 2 or tile_bounds.shape[1] != 4 or tile_bounds.shape[0] == 0:
+    raise ValueError(f"tile_bounds must be a non-empty (T, 4) array of (west, south, east, "
+                     f"north), got shape {tile_bounds.shape}")
+  for index, bounds in enumerate(tile_bounds):
+    check_bounds(bounds, name=f"tile_bounds[{index}]")
+  return tile_bounds
+
+
+class _TileIndex:
+  """Exact point -> candidate tiles lookup.
+
+  The sorted distinct tile edges cut the plane into elementary cells
+  [xs[i], xs[i+1]) x (ys[j], ys[j+1]]; each cell lies wholly inside or wholly outside every
+  tile box [west, east) x (south, north], so a point's cell (two searchsorted calls, exact
+  comparisons, no rounding) lists exactly the tiles whose box holds it. For tiles on a regular
+  grid the cells are the tiles and every point gets at most one candidate. The cell grid has a
+  border ring of empty cells, so points left of, right of, above or below every edge (and NaN,
+  which searchsorted sorts last) need no separate test.
+  """
+
+  def __init__(self, tile_bounds: np.ndarray):
+    west, south, east, north = tile_bounds.T
+    self.xs = np.unique(np.concatenate([west, east]))
+    self.ys = np.unique(np.concatenate([south, north]))
+    # searchsorted returns 0..len(edges): cell columns 0..len(xs), rows 0..len(ys).
+    self.n_cell_cols = self.xs.size + 1
+    x0, x1 = np.searchsorted(self.xs, west) + 1, np.searchsorted(self.xs, east) + 1
+    y0, y1 = np.searchsorted(self.ys, south) + 1, np.searchsorted(self.ys, north) + 1
+    cells, tiles = [], []
+    # A loop over tiles (hundreds), not over points.
+    for tile, (a, b, c, d) in enumerate(zip(x0, x1, y0, y1)):
+      tile_cells = (np.arange(c, d)[:, None] * self.n_cell_cols + np.arange(a, b)[None, :]).ravel()
+      cells.append(tile_cells)
+      tiles.append(np.full(tile_cells.size, tile, dtype=np.int32))
+    cells = np.concatenate(cells)
+    tiles = np.concatenate(tiles)
+    order = np.argsort(cells, kind="stable")
+    self.cell_tiles = tiles[order]
+    self.cell_count = np.bincount(cells, minlength=self.n_cell_cols * (self.ys.size + 1))
+    self.cell_start = np.concatenate([[0], np.cumsum(self.cell_count)[:-1]])
+
+  def candidates(self, lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(point index, tile index) pairs, int64 and int32, for points inside some tile box."""
+    cell_col = np.searchsorted(self.xs, lon, side="right")  # xs[col-1] <= lon < xs[col]
+    cell_row = np.searchsorted(self.ys, lat, side="left")  # ys[row-1] < lat <= ys[row]
+    cells = cell_row * self.n_cell_cols + cell_col
+    per_point = self.cell_count[cells]
+    # Fast path: a point in a cell of exactly one tile (every point, on a regular grid).
+    single_points = np.flatnonzero(per_point == 1)
+    single_tiles = self.cell_tiles[self.cell_start[cells[single_points]]]
+    multi = np.flatnonzero(per_point > 1)
+    if multi.size == 0:
+      return single_points, single_tiles
+    # Overlapping tiles: one pair per (point, tile of its cell).
+    cells, per_point = cells[multi], per_point[multi]
+    point_index = np.repeat(multi, per_point)
+    first = np.repeat(self.cell_start[cells], per_point)
+    offset_in_cell = np.arange(point_index.size) - np.repeat(np.cumsum(per_point) - per_point,
+                                                             per_point)
+    return (np.concatenate([single_points, point_index]),
+            np.concatenate([single_tiles, self.cell_tiles[first + offset_in_cell]]))
+
+
+def _bucket(lon, lat, tile_bounds, height, width, chunk_size):
+  """One pass over the table: per tile, the flat pixel indices of its points.
+
+  Returns (tile_pixels, tile_start): int32 pixel indices grouped by tile, and int64 offsets
+  (T + 1,) so tile t's pixels are tile_pixels[tile_start[t]:tile_start[t + 1]].
+  """
+  lon = np.asarray(lon)
+  lat = np.asarray(lat)
+  if lon.ndim != 1 or lon.shape != lat.shape:
+    raise ValueError(f"lon and lat must be 1-D arrays of equal length, got shapes {lon.shape} "
+                     f"and {lat.shape}")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+      or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+  n_tiles = tile_bounds.shape[0]
+  index = _TileIndex(tile_bounds)
+  west, south, east, north = tile_bounds.T
+  tile_dtype = np.int16 if n_tiles <= np.iinfo(np.int16).max else np.int32
+  tiles_parts, pixels_parts = [], []
+  for start in range(0, lon.size, chunk_size):
+    lon_chunk = np.asarray(lon[start:start + chunk_size], dtype=np.float64)
+    lat_chunk = np.asarray(lat[start:start + chunk_size], dtype=np.float64)
+    point, tile = index.candidates(lon_chunk, lat_chunk)
+    cols, rows = _project(lon_chunk[point], lat_chunk[point], west[tile], south[tile],
+                          east[tile], north[tile], height, width)
+    # The same test as _pixel_index: rounding can still push a point on a tile's east or south
+    # edge out of it, exactly as per-tile rendering would.
+    inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+    pixels = (rows[inside].astype(np.int32) * np.int32(width) + cols[inside].astype(np.int32))
+    tiles_parts.append(tile[inside].astype(tile_dtype))
+    pixels_parts.append(pixels)
+  tiles = np.concatenate(tiles_parts) if tiles_parts else np.zeros(0, tile_dtype)
+  pixels = np.concatenate(pixels_parts) if pixels_parts else np.zeros(0, np.int32)
+  del tiles_parts, pixels_parts
+  # Stable sort on 16-bit keys is numpy's radix sort: linear in the number of points.
+  order = np.argsort(tiles, kind="stable")
+  tile_start = np.concatenate([[0], np.cumsum(np.bincount(tiles, minlength=n_tiles))])
+  return pixels[order], tile_start
+
+
+def iter_render_tiles(lon, lat, tile_bounds, height: int, width: int, *,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[tuple[int, np.ndarray]]:
+  """Renders many tiles from one table with one bucketing pass; yields tiles one at a time.
+
+  Memory: the table, at most ~18 bytes per (point, containing tile) pair while sorting them
+  by tile (6 kept afterwards), one chunk of temporaries (chunk_size points) and one tile;
+  never T x H x W. The bucketing pass runs when this function is called.
+
+  Args:
+    lon, lat: 1-D float arrays of N points (degrees, or planar x/y in tile_bounds' units).
+    tile_bounds: (T, 4) of (west, south, east, north) per tile; tiles may overlap or nest.
+    height, width: pixel size of every tile.
+    chunk_size: points projected at a time in the bucketing pass.
+
+  Returns:
+    An iterator of (tile index t, float32 (H, W) heat-map) for t = 0..T-1, each equal bit for bit to
+    render_heatmap(*lonlat_to_pixel(lon, lat, tile_bounds[t], H, W), H, W).
+  """
+  height, width = _check_size(height, width)
+  tile_bounds = _check_tile_bounds(tile_bounds)
+  # Bucketing runs now (not at the first next()), so bad input raises at the call.
+  tile_pixels, tile_start = _bucket(lon, lat, tile_bounds, height, width, chunk_size)
+  return _tiles_from_buckets(tile_pixels, tile_start, height, width)
+
+
+def _tiles_from_buckets(tile_pixels, tile_start, height, width):
+  for tile in range(tile_start.size - 1):
+    pixels = tile_pixels[tile_start[tile]:tile_start[tile + 1]]
+    counts = np.bincount(pixels, minlength=height * width).reshape(height, width)
+    yield tile, _counts_to_heatmap(counts)
+
+
+def render_tiles(lon, lat, tile_bounds, height: int, width: int, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, out: np.ndarray | None = None) -> np.ndarray:
+  """Renders every tile of tile_bounds from one city-wide table (see iter_render_tiles).
+
+  Args:
+    lon, lat, tile_bounds, height, width, chunk_size: as in iter_render_tiles.
+    out: optional float32 (T, H, W) array to fill, e.g. a disk-backed
+      np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(T, H, W)) for 350
+      tiles of 1024 x 1024 (1.4 GB); tiles are written as they are rendered.
+
+  Returns:
+    float32 (T, H, W) heat-maps (out itself when given).
+  """
+  height, width = _check_size(height, width)
+  tile_bounds = _check_tile_bounds(tile_bounds)
+  shape = (tile_bounds.shape[0], height, width)
+  if out is None:
+    out = np.empty(shape, dtype=np.float32)
+  elif out.shape != shape or out.dtype != np.float32:
+    raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
+  for tile, heatmap in iter_render_tiles(lon, lat, tile_bounds, height, width,
+                                         chunk_size=chunk_size):
+    out[tile] = heatmap
+  return out
