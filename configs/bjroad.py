@@ -1,0 +1,24 @@
+"""BJRoad (Sun et al., CVPR 2019) with the CMMPNet release's protocol: D-LinkNet-34 CMMPNet,
+Adam 1e-4, batch 4 x 2 GPUs, BCE + Dice, 30 epochs with the plateau schedule, inputs 1024 -> 512
+for training and evaluation (labels stay 1024), the reference's augmentations.
+
+Build the data first: `python -m data_builders.build bjroad --config release --manual_dir=...
+--data_dir=data`. Presets: the paper's table rows, e.g. `configs/bjroad.py:image_only`,
+`:local_gate`, `:spp4`, `:resunet`, `:foggy`.
+"""
+from configs import default
+
+
+def get_config(preset: str = ""):
+  config = default.get_config()
+  config.unlock()
+  config.data.name = "bjroad"
+  config.data.config = "release"
+  config.data.input_size = 512
+  config.data.augment = True
+  config.data.num_workers = 4
+  config.num_epochs = 30
+  config.predict.window = 1024
+  config.predict.overlap = 128
+  from cmmp_jax import configs  # pylint: disable=import-outside-toplevel
+  return configs.finalize(config, preset)

@@ -1,0 +1,93 @@
+"""Every configuration field, documented, with the reference release's protocol as defaults.
+
+Dataset configs (bjroad.py, porto.py, tlcgis.py, synthetic.py) start from this one. Presets are
+chosen as `--config=configs/bjroad.py:NAME` (several joined by commas, applied in order; see
+`cmmp_jax.configs.PRESETS` for the rows of the paper's tables) and any field is overridden by
+`--config.a.b=value`. The returned ConfigDict is locked: a misspelt field is an error.
+"""
+import ml_collections
+
+
+def get_config(preset: str = ""):
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Model (cmmp_jax.models.build_model). Defaults = the release's DinkNet34_CMMPNet.
+  config.model = ml_collections.ConfigDict(dict(
+      name="cmmpnet",           # cmmpnet | image_only | aux_only | early_fusion | late_fusion
+                                # | gated_fusion
+      backbone="dlinknet34",    # dlinknet34 | linknet34 | resunet
+      width=1.0,                # channel multiplier (1.0 = ResNet-34 widths 64..512)
+      depths=(3, 4, 6, 3),      # basic blocks per encoder layer
+      aux_channels=1,           # 1 = heat-map or lidar; more for GPS speed/heading channels
+      use_local=True, use_global=True, use_gate=True,  # DEM ablations (paper Table IV)
+      spp_levels=(1, 2, 4),     # SPP bins per side (paper Fig. 8)
+      local_kernel_size=1,      # 1 = release, 3 = paper text
+      decoder="linknet",        # linknet | sun1d (Sun et al.'s 1D transposed convs)
+      upsample_method="dilated",  # dilated | subpixel (same results; speed differs)
+      dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
+      remat=False,              # rematerialise encoder/decoder blocks (memory for FLOPs)
+  ))
+  # Optional initialisation: torchvision ResNet-34 ImageNet weights (a local .pth or .npz) into
+  # both encoders, as the release does. Empty = random init.
+  config.init = ml_collections.ConfigDict(dict(resnet34_checkpoint=""))
+
+  config.data = ml_collections.ConfigDict(dict(
+      name="synthetic",         # TFDS builder: synthetic | bjroad | porto | tlcgis | custom
+      config="default",         # its builder config
+      data_dir="data",          # where TFDS datasets live (relative to the working directory)
+      manual_dir="",            # manual downloads, to build a missing dataset
+      build_if_missing=False,   # build the dataset on first use (synthetic / manual_dir)
+      train_split="train", eval_split="validation", test_split="test",
+      input_size=0,             # resize image and aux to this side (0 = keep); labels keep theirs
+      augment=False,            # the reference's paired augmentations (BJRoad protocol)
+      scaling="reference",      # reference: x/255*3.2-1.6 | unit: x/255
+      num_workers=0,            # grain worker processes (0 = in-process)
+  ))
+
+  config.batch_size = 8         # global (all devices, all processes); release: 4 x 2 GPUs
+  config.eval_batch_size = 8    # also the batch over which the published A_IoU is averaged
+  config.num_epochs = 30
+  config.num_train_steps = -1   # > 0 overrides num_epochs
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4,       # release scripts (the paper says 2e-4)
+      schedule="plateau",       # plateau (release) | cosine | constant
+      plateau_patience=5,       # evaluations without a better val G_IoU before lr /= factor
+      plateau_factor=10.0,
+      min_learning_rate=1e-8,   # plateau: stop training below this
+      warmup_steps=0,           # cosine only
+      b1=0.9, b2=0.999, eps=1e-8,
+      grad_clip_norm=0.0,       # > 0 clips the global gradient norm
+  ))
+  config.loss = ml_collections.ConfigDict(dict(dice=True))  # BCE + soft Dice (False: BCE)
+
+  config.eval_every_steps = 0   # 0 = once per epoch (the release)
+  config.eval_on_test = True    # also score test at each evaluation (release reports test at the
+                                # best-val epoch)
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 0  # 0 = at each evaluation
+  config.keep_checkpoints = 3
+  config.image_summaries = 4    # panels (image, aux, prediction, label) written per evaluation
+  config.profile_start_step = -1  # >= 0 captures a profiler trace of a few steps from there
+  config.profile_num_steps = 5
+  config.xla_flags = ""         # extra XLA_FLAGS, set before JAX starts (see benchmarks/NOTES.md)
+
+  config.eval = ml_collections.ConfigDict(dict(
+      checkpoint="best",        # best | latest | a step number
+      split="test",
+      tta=False,                # average the 8 dihedral views
+  ))
+  config.predict = ml_collections.ConfigDict(dict(
+      input_dir="",             # images (+ aux rasters or GPS); empty = a few tiles of the test split
+      output_dir="",            # default: WORKDIR/predictions
+      gps_csv="",               # raw GPS records to render aux rasters on the fly
+      window=0,                 # sliding-window side (0 = training input size or 512)
+      overlap=64,
+      threshold=0.5,
+      num_examples=4,           # tiles written when input_dir is empty
+      blank_aux=False,          # allow inputs without any aux (an all-zero raster)
+  ))
+
+  from cmmp_jax import configs  # pylint: disable=import-outside-toplevel
+  return configs.finalize(config, preset)
