@@ -185,7 +185,7 @@ def make_train_step(model, config, mesh):
                                     mutable=["batch_stats"])
       return losses.bce_dice_loss(logits, batch["mask"], dice=dice), updates
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -452,64 +452,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batches = prefetch_to_mesh(data_iter, mesh)
   consumed = IteratorSnapshot(data_iter.get_state())  # the data position of `state`
   step = start_step
-  with _Preemption() as preemption:
-    while step < total_steps and not stop:
-      if preemption.requested:
-        print(f"SIGTERM: saving step {step} and exiting", flush=True)
-        ckpts.save(step, state, meta_dict(), consumed)
-        break
-      batch, consumed = next(batches)
-      state, step_metrics = train_step(state, batch)
-      step += 1
-      pending.append((step, step_metrics))
-      for hook in hooks:
-        hook(step)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        scalars = log_pending(pending)
-        pending = []
-        print(f"step {step}/{total_steps}  loss {scalars['loss']:.4f}  "
-              f"lr {scalars['learning_rate']:.2e}", flush=True)
-      if step % eval_every == 0 or step == total_steps:
-        if pending:
-          log_pending(pending)
+  try:
+    with _Preemption() as preemption:
+      while step < total_steps and not stop:
+        if preemption.requested:
+          print(f"SIGTERM: saving step {step} and exiting", flush=True)
+          ckpts.save(step, state, meta_dict(), consumed)
+          break
+        batch, consumed = next(batches)
+        state, step_metrics = train_step(state, batch)
+        step += 1
+        pending.append((step, step_metrics))
+        for hook in hooks:
+          hook(step)
+        if step % config.log_every_steps == 0 or step == total_steps:
+          scalars = log_pending(pending)
           pending = []
-        val, examples = evaluate_split(eval_step, state, val_source, config, mesh,
-                                       keep_examples=config.image_summaries)
-        record = {"step": step, "val": val}
-        if test_source is not None:
-          record["test"], _ = evaluate_split(eval_step, state, test_source, config, mesh)
-        history.append(record)
-        writer.write_scalars(step, {f"{split}/{k}": v for split in ("val", "test")
-                                    if split in record for k, v in record[split].items()})
-        if examples:
-          writer.write_images(step, {"val/panels": summary_panels(examples, config.data.scaling)})
-        improved = val["g_iou"] > plateau.best
-        if config.optimizer.schedule == "plateau":
-          lr = float(jax.device_get(current_learning_rate(state)))
-          new_lr, stop = plateau.update(val["g_iou"], lr)
-          if new_lr != lr:
-            state = set_learning_rate(state, new_lr)
-        elif improved:
-          plateau.best = val["g_iou"]
-        print(f"eval at step {step}: val G_IoU {val['g_iou']:.4f} A_IoU {val['a_iou']:.4f}"
-              + (f" | test G_IoU {record['test']['g_iou']:.4f} A_IoU "
-                 f"{record['test']['a_iou']:.4f}" if "test" in record else "")
-              + (" (best)" if improved else ""), flush=True)
-        if improved:
-          ckpts.save(step, state, meta_dict(), consumed, best=True)
+          print(f"step {step}/{total_steps}  loss {scalars['loss']:.4f}  "
+                f"lr {scalars['learning_rate']:.2e}", flush=True)
+        if step % eval_every == 0 or step == total_steps:
+          if pending:
+            log_pending(pending)
+            pending = []
+          val, examples = evaluate_split(eval_step, state, val_source, config, mesh,
+                                         keep_examples=config.image_summaries)
+          record = {"step": step, "val": val}
+          if test_source is not None:
+            record["test"], _ = evaluate_split(eval_step, state, test_source, config, mesh)
+          history.append(record)
+          writer.write_scalars(step, {f"{split}/{k}": v for split in ("val", "test")
+                                      if split in record for k, v in record[split].items()})
+          if examples:
+            writer.write_images(step, {"val/panels": summary_panels(examples, config.data.scaling)})
+          improved = val["g_iou"] > plateau.best
+          if config.optimizer.schedule == "plateau":
+            lr = float(jax.device_get(current_learning_rate(state)))
+            new_lr, stop = plateau.update(val["g_iou"], lr)
+            if new_lr != lr:
+              state = set_learning_rate(state, new_lr)
+          elif improved:
+            plateau.best = val["g_iou"]
+          print(f"eval at step {step}: val G_IoU {val['g_iou']:.4f} A_IoU {val['a_iou']:.4f}"
+                + (f" | test G_IoU {record['test']['g_iou']:.4f} A_IoU "
+                   f"{record['test']['a_iou']:.4f}" if "test" in record else "")
+                + (" (best)" if improved else ""), flush=True)
+          if improved:
+            ckpts.save(step, state, meta_dict(), consumed, best=True)
+          elif step % ckpt_every == 0:
+            ckpts.save(step, state, meta_dict(), consumed)
+          if stop:
+            print(f"learning rate fell below {config.optimizer.min_learning_rate}: stopping",
+                  flush=True)
         elif step % ckpt_every == 0:
           ckpts.save(step, state, meta_dict(), consumed)
-        if stop:
-          print(f"learning rate fell below {config.optimizer.min_learning_rate}: stopping",
-                flush=True)
-      elif step % ckpt_every == 0:
-        ckpts.save(step, state, meta_dict(), consumed)
-    if step == total_steps or stop:
-      if ckpts.latest.latest_step() != step:
-        ckpts.save(step, state, meta_dict(), consumed)
-  ckpts.wait()
-  ckpts.close()
-  writer.flush()
+      if step == total_steps or stop:
+        if ckpts.latest.latest_step() != step:
+          ckpts.save(step, state, meta_dict(), consumed)
+  finally:
+    # Pending asynchronous saves complete even when training stops on an error.
+    ckpts.wait()
+    ckpts.close()
+    writer.flush()
   if history:
     best = max(history, key=lambda r: r["val"]["g_iou"])
     summary = {"best_step": best["step"], "val": best["val"], "test": best.get("test")}

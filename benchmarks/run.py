@@ -1,0 +1,379 @@
+"""The benchmark suite: train and eval steps, largest batch, input pipeline, rendering, scaling.
+
+  python -m benchmarks.run [--size 1024 --batch 2 --dtype bfloat16 --model cmmpnet --width 1.0
+      --depths 3,4,6,3 --upsample_method dilated --remat --steps 20 --json PATH
+      --sections train,eval,maxbatch,pipeline,render,scaling]
+
+Prints one table and writes a JSON report ('meta': device kind and count, platform, JAX and Flax
+versions, model, sizes, dtype, device peak; then one entry per section). The JSON is rewritten
+(atomically) after every section, so a failure later keeps the finished sections.
+
+Defaults: on a CPU-only machine a small model (128 px, width 0.25, one block per encoder layer,
+maxbatch capped at 4) so that the suite finishes in minutes; on GPU/TPU the full model (1024 px,
+width 1.0, ResNet-34 depths). Explicit flags override both.
+
+Sections:
+  train     benchmarks.train_step.measure_train: images/s, ms/step (median after warm-up, timed
+            with block_until_ready), FLOPs and bytes per image from XLA's cost analysis,
+            arithmetic intensity, MFU against the device peak, compiled and device memory.
+  eval      the same for the evaluation step (forward, sigmoid, per-tile counts).
+  maxbatch  the largest global batch whose train step fits, without and with remat (doubling
+            from --batch, then bisecting; out-of-memory errors caught; on CPU bounded by
+            --maxbatch_cap and a compiled-memory budget, since host OOM cannot be caught).
+  pipeline  benchmarks.pipeline.run: decoded + augmented examples/s per grain worker count.
+  render    benchmarks.render.run: GPS points/s of bulk heat-map rendering.
+  scaling   images/s of the train step at a fixed global batch on 1, 2, 4, 8 simulated CPU
+            devices (subprocesses with XLA_FLAGS=--xla_force_host_platform_device_count=N,
+            JAX_PLATFORMS=cpu, the same weights), and on 1, 2, 4, ... real devices when the
+            machine has several accelerators.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any, Sequence
+
+import jax
+
+from benchmarks import train_step as step_lib
+
+SECTIONS = ("train", "eval", "maxbatch", "pipeline", "render", "scaling")
+REPO_ROOT = step_lib.REPO_ROOT
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# Spec of the simulated-CPU scaling check when the main backend is an accelerator: the full
+# model at 1024 px would take hours on a CPU.
+_CPU_SPEC_FIELDS = dict(size=128, width=0.25, depths=(1, 1, 1, 1))
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError as error:
+    raise step_lib.BenchmarkError(f"{flag} must be comma-separated integers, got {text!r}") from error
+  if not values or min(values) < 0:
+    raise step_lib.BenchmarkError(f"{flag} must list non-negative integers, got {text!r}")
+  return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  step_lib.add_spec_arguments(parser)
+  parser.add_argument("--sections", default=",".join(SECTIONS),
+                      help=f"comma-separated subset of {','.join(SECTIONS)}")
+  parser.add_argument("--json", default=None, help="write the report to this file")
+  parser.add_argument("--no_donate", action="store_true", help="train step without donation")
+  parser.add_argument("--maxbatch_cap", type=int, default=None,
+                      help="largest batch tried (default 4 on CPU, 4096 elsewhere)")
+  parser.add_argument("--maxbatch_budget_mb", type=float, default=None,
+                      help="compiled-memory budget per device (default on CPU: a quarter of "
+                      "the host's RAM; elsewhere the device's own limit)")
+  parser.add_argument("--pipeline_size", type=int, default=None, help="tile side (default --size)")
+  parser.add_argument("--pipeline_workers", default="0,2", help="grain worker counts")
+  parser.add_argument("--pipeline_examples", type=int, default=32)
+  parser.add_argument("--pipeline_batch", type=int, default=None, help="default --batch")
+  parser.add_argument("--render_points", type=int, default=2_000_000)
+  parser.add_argument("--render_tiles", type=int, default=16)
+  parser.add_argument("--render_size", type=int, default=256)
+  parser.add_argument("--scaling_devices", default="1,2,4,8", help="simulated CPU device counts")
+  parser.add_argument("--scaling_batch", type=int, default=8, help="fixed global batch")
+  parser.add_argument("--scaling_timeout_s", type=float, default=900.0,
+                      help="limit per scaling subprocess")
+  args = parser.parse_args(argv)
+  sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown or not sections:
+    parser.error(f"--sections: unknown {unknown}; choose from {','.join(SECTIONS)}")
+  args.sections = [s for s in SECTIONS if s in sections]
+  try:
+    args.pipeline_workers = _positive_ints(args.pipeline_workers, "--pipeline_workers")
+    args.scaling_devices = _positive_ints(args.scaling_devices, "--scaling_devices")
+  except step_lib.BenchmarkError as error:
+    parser.error(str(error))
+  if 0 in args.scaling_devices:
+    parser.error("--scaling_devices must be positive")
+  for name in ("steps", "scaling_batch", "pipeline_examples", "render_points", "render_tiles",
+               "render_size"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be positive")
+  bad = [n for n in args.scaling_devices if args.scaling_batch % n]
+  if "scaling" in args.sections and bad:
+    parser.error(f"--scaling_batch {args.scaling_batch} is not divisible by device counts {bad}")
+  return args
+
+
+# ----------------------------------------------------------------------------- sections
+
+def maxbatch_section(spec, args, variables, on_cpu: bool) -> dict[str, Any]:
+  """measure_max_batch without and with remat, from --batch up to the cap."""
+  cap = args.maxbatch_cap or (4 if on_cpu else 4096)
+  budget = None
+  if args.maxbatch_budget_mb is not None:
+    budget = int(args.maxbatch_budget_mb * 2 ** 20)
+  elif on_cpu:
+    budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+  start = min(spec.batch, cap)
+  out = {}
+  for remat in (False, True):
+    result = step_lib.measure_max_batch(spec.replace(remat=remat), cap=cap, budget_bytes=budget,
+                                        variables=variables, start=start)
+    if result["max_batch"] == 0 and start > jax.device_count():
+      # --batch itself does not fit: search below it.
+      result = step_lib.measure_max_batch(spec.replace(remat=remat), cap=start - 1,
+                                          budget_bytes=budget, variables=variables)
+    out["remat" if remat else "no_remat"] = result
+  return out
+
+
+def pipeline_section(spec, args) -> dict[str, Any]:
+  """benchmarks.pipeline.run through its command line, in a subprocess: TFDS can only build
+  its synthetic dataset class when that module runs as __main__ (imported as
+  benchmarks.pipeline, TFDS's builder code_path lookup needs the absent importlib_resources
+  package), and grain's worker processes stay out of this one."""
+  with tempfile.TemporaryDirectory(prefix="cmmp_pipeline_") as folder:
+    out = pathlib.Path(folder) / "pipeline.json"
+    cmd = [sys.executable, "-m", "benchmarks.pipeline",
+           "--size", str(args.pipeline_size or spec.size),
+           "--workers", ",".join(str(w) for w in args.pipeline_workers),
+           "--num_examples", str(args.pipeline_examples),
+           "--batch_size", str(args.pipeline_batch or spec.batch), "--json", str(out)]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not out.is_file():
+      tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+      raise step_lib.BenchmarkError(
+          f"pipeline benchmark failed (exit {done.returncode}): {' '.join(cmd)}\n{tail}")
+    return json.loads(out.read_text())
+
+
+def render_section(args) -> dict[str, Any]:
+  from benchmarks import render  # pylint: disable=import-outside-toplevel
+  return render.run(args.render_points, args.render_tiles, args.render_size)
+
+
+def simulated_cpu_env(num_devices: int, base: dict[str, str] | None = None) -> dict[str, str]:
+  """The environment of a subprocess that sees num_devices CPU devices: JAX_PLATFORMS=cpu and
+  XLA_FLAGS with any earlier device-count flag replaced (other flags kept)."""
+  env = dict(os.environ if base is None else base)
+  flags = re.sub(rf"{_DEVICE_COUNT_FLAG}=\S*", "", env.get("XLA_FLAGS", "")).split()
+  env["XLA_FLAGS"] = " ".join(flags + [f"{_DEVICE_COUNT_FLAG}={num_devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["CUDA_VISIBLE_DEVICES"] = ""
+  return env
+
+
+def _spec_flags(spec) -> list[str]:
+  flags = ["--model", spec.model, "--width", repr(spec.width),
+           "--depths", ",".join(str(d) for d in spec.depths), "--dtype", spec.dtype,
+           "--upsample_method", spec.upsample_method, "--aux_channels", str(spec.aux_channels),
+           "--size", str(spec.size), "--batch", str(spec.batch)]
+  return flags + (["--remat"] if spec.remat else [])
+
+
+def simulated_scaling(spec, args, variables) -> list[dict[str, Any]]:
+  """Train-step images/s on N simulated CPU devices per subprocess (fixed global batch)."""
+  rows = []
+  with tempfile.TemporaryDirectory(prefix="cmmp_scaling_") as folder:
+    variables_path = pathlib.Path(folder) / "variables.npz"
+    step_lib.save_variables(variables_path, variables)
+    for n in args.scaling_devices:
+      out = pathlib.Path(folder) / f"devices_{n}.json"
+      cmd = [sys.executable, "-m", "benchmarks.train_step", "--sections", "train",
+             *_spec_flags(spec), "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--variables", str(variables_path), "--no_peak", "--json", str(out)]
+      if args.no_donate:
+        cmd.append("--no_donate")
+      try:
+        done = subprocess.run(cmd, cwd=REPO_ROOT, env=simulated_cpu_env(n), capture_output=True,
+                              text=True, timeout=args.scaling_timeout_s, check=False)
+      except subprocess.TimeoutExpired as error:
+        raise step_lib.BenchmarkError(
+            f"scaling with {n} simulated CPU devices ran past {args.scaling_timeout_s} s "
+            "(--scaling_timeout_s)") from error
+      if done.returncode != 0 or not out.is_file():
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise step_lib.BenchmarkError(
+            f"scaling subprocess with {n} simulated CPU devices failed (exit "
+            f"{done.returncode}): {' '.join(cmd)}\n{tail}")
+      result = json.loads(out.read_text())
+      if result["environment"]["device_count"] != n:
+        raise step_lib.BenchmarkError(
+            f"the scaling subprocess saw {result['environment']['device_count']} devices, not "
+            f"{n}: is {_DEVICE_COUNT_FLAG} overridden?")
+      rows.append(_scaling_row(n, result["train"], spec.batch))
+  return _relative(rows)
+
+
+def real_device_scaling(spec, args, variables, peak) -> list[dict[str, Any]]:
+  """Train-step images/s on the first N real devices (N in --scaling_devices, N <= count)."""
+  rows = []
+  for n in args.scaling_devices:
+    if n > jax.device_count():
+      continue
+    result = step_lib.measure_train(spec, steps=args.steps, warmup=args.warmup,
+                                    mesh=step_lib.make_mesh(n), variables=variables,
+                                    donate=not args.no_donate, peak=peak)
+    rows.append(_scaling_row(n, result, spec.batch))
+  return _relative(rows)
+
+
+def _scaling_row(n: int, train_result: dict[str, Any], batch: int) -> dict[str, Any]:
+  return {"devices": n, "global_batch": batch, "per_device_batch": batch // n,
+          "images_per_s": train_result["images_per_s"],
+          "ms_per_step": train_result["ms_per_step"],
+          "flops_per_step_per_device": train_result["flops_per_step_per_device"],
+          "compile_s": train_result["compile_s"],
+          "nonfinite_steps": train_result["nonfinite_steps"]}
+
+
+def _relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Adds images/s relative to the 1-device row (None without one)."""
+  base = next((r["images_per_s"] for r in rows if r["devices"] == 1), None)
+  for row in rows:
+    row["relative_to_1_device"] = row["images_per_s"] / base if base else None
+  return rows
+
+
+def scaling_section(spec, args, variables, on_cpu: bool, peak) -> dict[str, Any]:
+  cpu_spec = spec if on_cpu else spec.replace(**_CPU_SPEC_FIELDS)
+  cpu_spec = cpu_spec.replace(batch=args.scaling_batch)
+  cpu_variables = variables if on_cpu else step_lib.initial_variables(cpu_spec)
+  out = {"global_batch": args.scaling_batch, "simulated_cpu_spec": cpu_spec.to_dict(),
+         "simulated_cpu": simulated_scaling(cpu_spec, args, cpu_variables), "real": None}
+  if not on_cpu and jax.device_count() > 1:
+    out["real"] = real_device_scaling(spec.replace(batch=args.scaling_batch), args, variables,
+                                      peak)
+  return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def _fmt(value, scale: float = 1.0, digits: int = 2, suffix: str = "") -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "n/a"
+  return f"{value / scale:.{digits}f}{suffix}"
+
+
+def _mib(value) -> str:
+  return _fmt(value, 2 ** 20, 1, " MiB")
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """The printed table of a report."""
+  meta = report["meta"]
+  spec = meta["spec"]
+  peak = meta["peak"]
+  lines = [
+      f"cmmp-jax benchmarks: {spec['model']} width {spec['width']} depths "
+      f"{tuple(spec['depths'])}, {spec['size']}x{spec['size']}, batch {spec['batch']}, "
+      f"{spec['dtype']}, {spec['upsample_method']}, remat {'on' if spec['remat'] else 'off'}",
+      f"devices: {meta['device_count']} x {meta['device_kind']} ({meta['platform']}), "
+      f"jax {meta['jax_version']}, flax {meta['flax_version']}",
+  ]
+  if peak:
+    lines.append(f"peak per device ({peak['source']}: {peak['name']}): "
+                 f"{peak['fp32_flops'] / 1e12:.3f} TFLOP/s fp32, "
+                 f"{peak['bf16_flops'] / 1e12:.3f} TFLOP/s bf16, "
+                 f"{peak['bytes_per_s'] / 1e9:.1f} GB/s")
+  steps = [s for s in ("train", "eval") if s in report]
+  if steps:
+    lines.append(f"{'step':<6}{'images/s':>10}{'ms/step':>10}{'GFLOP/img':>11}{'MB/img':>9}"
+                 f"{'FLOP/B':>8}{'MFU':>8}{'BW use':>8}{'roofline ms':>13}{'compiled':>13}"
+                 f"{'dev peak':>12}")
+    for name in steps:
+      r = report[name]
+      bound = (None if r["compute_bound_ms"] is None
+               else max(r["compute_bound_ms"], r["memory_bound_ms"]))
+      lines.append(
+          f"{name:<6}{r['images_per_s']:>10.2f}{r['ms_per_step']:>10.1f}"
+          f"{r['flops_per_image'] / 1e9:>11.3f}{r['bytes_accessed_per_image'] / 1e6:>9.1f}"
+          f"{r['arithmetic_intensity']:>8.2f}{_fmt(r['mfu'], 0.01, 1, '%'):>8}"
+          f"{_fmt(r['bandwidth_utilisation'], 0.01, 1, '%'):>8}{_fmt(bound, 1, 1):>13}"
+          f"{_mib(r['memory']['total_bytes']):>13}{_mib(r['device_peak_bytes']):>12}")
+    if any(report[s]["nonfinite_steps"] for s in steps if "nonfinite_steps" in report[s]):
+      lines.append(f"  note: {report['train']['nonfinite_steps']} train steps had a non-finite "
+                   "loss or gradient (state kept; timing unaffected)")
+  if "maxbatch" in report:
+    parts = []
+    for key, label in (("no_remat", "remat off"), ("remat", "remat on")):
+      r = report["maxbatch"][key]
+      parts.append(f"{label}: {r['max_batch']}{' (cap)' if r['capped'] else ''}, "
+                   f"{_mib(r['bytes_per_image_at_max'])}/image")
+    lines.append(f"maxbatch at {spec['size']} px: " + "; ".join(parts))
+  if "pipeline" in report:
+    p = report["pipeline"]
+    lines.append(f"pipeline ({p['size']} px tiles, batch {p['batch_size']}): " + ", ".join(
+        f"{r['workers']} workers {r['examples_per_s']:.1f} ex/s" for r in p["results"]))
+  if "render" in report:
+    r = report["render"]
+    lines.append(f"render: {r['points']:,} points into {r['tiles']} tiles of {r['size']} px: "
+                 f"{r['bulk_points_per_second'] / 1e6:.2f} M points/s ({r['bulk_seconds']:.2f} s)")
+  if "scaling" in report:
+    s = report["scaling"]
+    for key, label in (("simulated_cpu", "simulated CPU devices"), ("real", "real devices")):
+      if s.get(key):
+        lines.append(f"scaling, {label}, global batch {s['global_batch']}: " + ", ".join(
+            f"{r['devices']}: {r['images_per_s']:.2f} img/s"
+            + (f" ({r['relative_to_1_device']:.2f}x)" if r["relative_to_1_device"] else "")
+            for r in s[key]))
+  return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
+  """Writes the report atomically (a temporary file renamed over the target)."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(report, indent=2, default=str))
+  tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  on_cpu = jax.default_backend() == "cpu"
+  try:
+    spec = step_lib.spec_from_args(args, cpu_defaults=on_cpu)
+    spec.config()  # validates model fields before any work
+  except (step_lib.BenchmarkError, ValueError, KeyError) as error:
+    raise SystemExit(f"benchmarks.run: {error}") from error
+  peak = step_lib.device_peak()
+  environment = step_lib.environment()
+  report: dict[str, Any] = {"meta": {
+      **environment, "spec": spec.to_dict(), "size": spec.size, "batch": spec.batch,
+      "dtype": spec.dtype, "model": spec.model, "width": spec.width,
+      "peak": dataclasses.asdict(peak), "sections": args.sections, "steps": args.steps,
+      "warmup": args.warmup, "donate": not args.no_donate, "argv": list(argv or sys.argv[1:]),
+      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
+  model_sections = {"train", "eval", "maxbatch", "scaling"} & set(args.sections)
+  variables = step_lib.initial_variables(spec) if model_sections else None
+  for section in args.sections:
+    print(f"[{section}] ...", flush=True)
+    if section == "train":
+      report[section] = step_lib.measure_train(spec, steps=args.steps, warmup=args.warmup,
+                                               variables=variables, donate=not args.no_donate,
+                                               peak=peak)
+    elif section == "eval":
+      report[section] = step_lib.measure_eval(spec, steps=args.steps, warmup=args.warmup,
+                                              variables=variables, peak=peak)
+    elif section == "maxbatch":
+      report[section] = maxbatch_section(spec, args, variables, on_cpu)
+    elif section == "pipeline":
+      report[section] = pipeline_section(spec, args)
+    elif section == "render":
+      report[section] = render_section(args)
+    elif section == "scaling":
+      report[section] = scaling_section(spec, args, variables, on_cpu, peak)
+    if args.json:
+      write_json(args.json, report)
+  print(format_report(report), flush=True)
+  return report
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,670 @@
+"""Speed, XLA cost and memory of the jitted train step and evaluation (forward) step.
+
+  python -m benchmarks.train_step [--size 128 --batch 2 --model cmmpnet --width 0.25
+      --depths 1,1,1,1 --dtype float32 --upsample_method dilated --remat --no_donate
+      --steps 20 --warmup 2 --sections train,eval --variables PATH --json PATH]
+
+The steps measured are exactly `cmmp_jax.train.make_train_step` / `make_eval_step` on a mesh of
+all visible devices (data parallel, global batch sharded on 'data'), fed one synthetic batch in
+the pipeline's layout (image float32 (B, S, S, 3) and aux float32 (B, S, S, C) scaled to
+[-1.6, 1.6], mask float32 (B, S, S, 1) in {0, 1}). The input pipeline is timed separately
+(benchmarks.pipeline).
+
+Per step it reports the median of `steps` timings after `warmup` untimed calls, each call ended by
+`jax.block_until_ready`; XLA's cost analysis of the compiled program ('flops', 'bytes accessed');
+model FLOPs utilisation against the device's peak (`PEAK_TABLE`, or a measured matmul and copy
+when the device is not in the table, e.g. a CPU); the compiled program's memory (arguments,
+outputs, temporaries, donated aliases) and the device's peak memory when the runtime reports it.
+
+XLA's counts: a multiply-add is 2 FLOPs; with model.upsample_method 'dilated' the multiplications
+by the zeros inserted into a transposed convolution's input are counted (executed, not useful);
+'bytes accessed' sums operand and result bytes of every (fused) HLO, a proxy for memory traffic
+that ignores caches. Numbers are per device program; per-step totals multiply by the device count.
+
+`benchmarks.run` calls this module in-process, and as a subprocess for its scaling section
+(XLA_FLAGS=--xla_force_host_platform_device_count=N), handing it the parameters in a .npz file
+(--variables) so that every device count trains the same weights and skips initialisation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import statistics
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cmmp_jax import configs, train
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.py"
+SECTIONS = ("train", "eval")
+# Substrings of an XLA runtime error that mean the program did not fit in device memory.
+_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
+
+
+class BenchmarkError(RuntimeError):
+  """A benchmark could not run as asked (bad arguments, mismatched variables, failed run)."""
+
+
+# ----------------------------------------------------------------------------- device peaks
+
+@dataclasses.dataclass(frozen=True)
+class DevicePeak:
+  """Peak dense throughput and memory bandwidth of ONE JAX device.
+
+  bf16_flops / fp32_flops: FLOP/s for bfloat16 and float32 convolutions and matmuls at JAX's
+  default precision (NVIDIA Ampere and later: float32 runs on TF32 tensor cores; TPU: float32
+  runs as one bfloat16 pass, so the two columns are equal). bytes_per_s: main-memory (HBM)
+  bandwidth. source: 'table' (vendor data sheet, dense, no sparsity) or 'measured'.
+  """
+  name: str
+  bf16_flops: float
+  fp32_flops: float
+  bytes_per_s: float
+  source: str
+
+  def flops(self, dtype: str) -> float:
+    return self.bf16_flops if dtype == "bfloat16" else self.fp32_flops
+
+
+# (lower-case substring of device.device_kind, peak). First match wins, so specific names first.
+# Per JAX device: a GPU, a TPU v4/v5/v6 chip (one device per chip), a TPU v3 core (two per chip).
+PEAK_TABLE: tuple[tuple[str, DevicePeak], ...] = (
+    ("h200", DevicePeak("NVIDIA H200", 989.4e12, 494.7e12, 4.8e12, "table")),
+    ("h100 pcie", DevicePeak("NVIDIA H100 PCIe", 756.0e12, 378.0e12, 2.0e12, "table")),
+    ("h100", DevicePeak("NVIDIA H100 SXM", 989.4e12, 494.7e12, 3.35e12, "table")),
+    ("a100-sxm4-80gb", DevicePeak("NVIDIA A100 SXM 80GB", 312e12, 156e12, 2.039e12, "table")),
+    ("a100-pcie-80gb", DevicePeak("NVIDIA A100 PCIe 80GB", 312e12, 156e12, 1.935e12, "table")),
+    ("a100", DevicePeak("NVIDIA A100 40GB", 312e12, 156e12, 1.555e12, "table")),
+    ("l4", DevicePeak("NVIDIA L4", 121e12, 60e12, 0.3e12, "table")),
+    ("tpu v6", DevicePeak("TPU v6e", 918e12, 918e12, 1.64e12, "table")),
+    ("tpu v5 lite", DevicePeak("TPU v5e", 197e12, 197e12, 0.819e12, "table")),
+    ("tpu v5e", DevicePeak("TPU v5e", 197e12, 197e12, 0.819e12, "table")),
+    ("tpu v5", DevicePeak("TPU v5p", 459e12, 459e12, 2.765e12, "table")),
+    ("tpu v4", DevicePeak("TPU v4", 275e12, 275e12, 1.2e12, "table")),
+    ("tpu v3", DevicePeak("TPU v3 (per core)", 61.5e12, 61.5e12, 0.45e12, "table")),
+)
+
+
+def table_peak(device_kind: str) -> DevicePeak | None:
+  """The PEAK_TABLE entry whose key is a substring of device_kind (case-insensitive), or None."""
+  kind = device_kind.lower()
+  for key, peak in PEAK_TABLE:
+    if key in kind:
+      return peak
+  return None
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  jax.block_until_ready(fn())  # compile and warm up
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def measure_peak(device: jax.Device | None = None, *, matmul_size: int = 2048,
+                 copy_mib: int = 256, repeats: int = 5) -> DevicePeak:
+  """Measures a device's attainable peak: the best of `repeats` (n x n) @ (n x n) matmuls in
+  float32 and bfloat16 (2 n^3 FLOPs each) and of an elementwise `x * 2 + 1` over `copy_mib` MiB
+  of float32 (reads and writes that many bytes). On a shared machine other load lowers it."""
+  device = device or jax.devices()[0]
+  flops = {}
+  for dtype in ("float32", "bfloat16"):
+    a = jax.device_put(jnp.ones((matmul_size, matmul_size), dtype), device)
+    matmul = jax.jit(lambda x: x @ x)
+    flops[dtype] = 2 * matmul_size ** 3 / _best_seconds(functools.partial(matmul, a), repeats)
+    del a
+  # The input is donated and the output fed back: a fresh output buffer every call would time
+  # the operating system's page faults (about 10x slower than the memory on a CPU), not memory.
+  stream = jax.jit(lambda v: v * 2 + 1, donate_argnums=0)
+  holder = [jax.device_put(jnp.ones((copy_mib * 2 ** 18,), jnp.float32), device)]
+  num_bytes = holder[0].nbytes
+
+  def stream_once():
+    holder[0] = stream(holder[0])
+    return holder[0]
+
+  bandwidth = 2 * num_bytes / _best_seconds(stream_once, repeats)
+  del holder
+  return DevicePeak(f"{device.device_kind} (measured)", flops["bfloat16"], flops["float32"],
+                    bandwidth, "measured")
+
+
+def device_peak(device: jax.Device | None = None, *, measure_if_unknown: bool = True
+                ) -> DevicePeak | None:
+  """PEAK_TABLE's entry for the device, else a measured one (or None when not measuring)."""
+  device = device or jax.devices()[0]
+  peak = table_peak(device.device_kind)
+  if peak is None and measure_if_unknown:
+    peak = measure_peak(device)
+  return peak
+
+
+# ----------------------------------------------------------------------------- what is measured
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """One model configuration and input size to benchmark (fields of config.model plus sizes).
+
+  size: square input side in pixels (a multiple of 32); batch: GLOBAL batch (all devices).
+  """
+  model: str = "cmmpnet"
+  width: float = 0.25
+  depths: tuple[int, ...] = (1, 1, 1, 1)
+  dtype: str = "float32"
+  upsample_method: str = "dilated"
+  remat: bool = False
+  aux_channels: int = 1
+  size: int = 128
+  batch: int = 2
+
+  def config(self) -> ml_collections.ConfigDict:
+    """configs/default.py with these model fields and batch (validated there)."""
+    if self.size <= 0 or self.size % 32:
+      raise BenchmarkError(f"size must be a positive multiple of 32, got {self.size}")
+    if self.batch <= 0:
+      raise BenchmarkError(f"batch must be positive, got {self.batch}")
+    return configs.load_config(str(DEFAULT_CONFIG), {
+        "model.name": self.model, "model.width": float(self.width),
+        "model.depths": tuple(int(d) for d in self.depths), "model.dtype": self.dtype,
+        "model.upsample_method": self.upsample_method, "model.remat": bool(self.remat),
+        "model.aux_channels": int(self.aux_channels), "batch_size": int(self.batch),
+        "eval_batch_size": int(self.batch)})
+
+  def replace(self, **fields) -> StepSpec:
+    return dataclasses.replace(self, **fields)
+
+  def to_dict(self) -> dict:
+    out = dataclasses.asdict(self)
+    out["depths"] = list(self.depths)
+    return out
+
+
+def synthetic_batch(batch: int, size: int, aux_channels: int = 1, *, seed: int = 0,
+                    with_valid: bool = False) -> dict[str, np.ndarray]:
+  """A batch in the pipeline's layout: 'image' float32 (B, S, S, 3) and 'aux' float32
+  (B, S, S, C) uniform in [-1.6, 1.6] (the reference scaling), 'mask' float32 (B, S, S, 1) with
+  ~10% road pixels; with_valid adds 'valid' bool (B,) all True (evaluation batches)."""
+  rng = np.random.default_rng(seed)
+  out = {"image": rng.uniform(-1.6, 1.6, (batch, size, size, 3)).astype(np.float32),
+         "aux": rng.uniform(-1.6, 1.6, (batch, size, size, aux_channels)).astype(np.float32),
+         "mask": (rng.uniform(size=(batch, size, size, 1)) < 0.1).astype(np.float32)}
+  if with_valid:
+    out["valid"] = np.ones((batch,), bool)
+  return out
+
+
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+  """train.make_mesh() (all devices), or a 'data' mesh of the first num_devices devices."""
+  if num_devices is None or num_devices == jax.device_count():
+    return train.make_mesh()
+  if not 0 < num_devices <= jax.device_count():
+    raise BenchmarkError(f"asked for {num_devices} devices; {jax.device_count()} are visible")
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
+
+
+def initial_variables(spec: StepSpec) -> dict:
+  """Host (numpy) {'params', 'batch_stats'} of a fresh model, via train.init_state (the seeded
+  random init of training). Parameters do not depend on dtype, remat or upsample_method, so one
+  set serves every variant of a model, width, depths and aux_channels."""
+  config = spec.config()
+  shape = (1, spec.size, spec.size)
+  _, state = train.init_state(config, (*shape, 3), (*shape, spec.aux_channels), total_steps=1)
+  return jax.device_get({"params": flax.core.unfreeze(state.params),
+                         "batch_stats": flax.core.unfreeze(state.batch_stats)})
+
+
+def save_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
+  """Writes variables to a .npz of '/'-joined paths (e.g. 'params/image/stem/conv/kernel')."""
+  flat = traverse_util.flatten_dict(variables, sep="/")
+  np.savez(path, **{key: np.asarray(value) for key, value in flat.items()})
+
+
+def load_variables(path: str | os.PathLike) -> dict:
+  """Reads save_variables' file back into nested dicts of numpy arrays."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise BenchmarkError(f"variables file {path} does not exist")
+  try:
+    with np.load(path) as data:
+      flat = {key: data[key] for key in data.files}
+  except (OSError, ValueError) as error:
+    raise BenchmarkError(f"variables file {path} is not a readable .npz: {error}") from error
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _check_variables(spec: StepSpec, variables: Mapping[str, Any]) -> None:
+  """Raises BenchmarkError when variables' shapes differ from spec's model."""
+  abstract = train.abstract_variables(spec.config(), size=64)
+  want = {k: v.shape for k, v in traverse_util.flatten_dict(
+      flax.core.unfreeze(abstract), sep="/").items()}
+  got = {k: np.shape(v) for k, v in traverse_util.flatten_dict(dict(variables), sep="/").items()}
+  if want != got:
+    missing = sorted(set(want) - set(got))[:3]
+    extra = sorted(set(got) - set(want))[:3]
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])[:3]
+    raise BenchmarkError(
+        f"variables do not match model {spec.model!r} width {spec.width} depths {spec.depths} "
+        f"aux_channels {spec.aux_channels}: missing {missing}, unexpected {extra}, "
+        f"wrong shapes {wrong}")
+
+
+def make_state(spec: StepSpec, variables: Mapping[str, Any], mesh) -> tuple[Any, train.TrainState]:
+  """(model, TrainState) from host variables, replicated over mesh."""
+  config = spec.config()
+  model, state = train.create_state_from_variables(
+      config, jax.tree.map(np.asarray, dict(variables)), total_steps=1)
+  return model, jax.device_put(state, train.replicated(mesh))
+
+
+def make_train_fn(model, config, mesh, *, donate: bool = True):
+  """train.make_train_step; donate=False re-jits the same step function with the same shardings
+  and no donated state (make_train_step always donates; jax.jit keeps the wrapped function as
+  __wrapped__)."""
+  step = train.make_train_step(model, config, mesh)
+  if donate:
+    return step
+  rep, data = train.replicated(mesh), train.batch_sharding(mesh)
+  return jax.jit(step.__wrapped__, in_shardings=(rep, {k: data for k in ("image", "aux", "mask")}),
+                 out_shardings=(rep, rep))
+
+
+# ----------------------------------------------------------------------------- analysis helpers
+
+def compiled_cost(compiled) -> dict[str, float]:
+  """{'flops', 'bytes_accessed'} of one device's program from XLA's cost analysis."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX returned one dict per program
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  return {"flops": float(analysis.get("flops", float("nan"))),
+          "bytes_accessed": float(analysis.get("bytes accessed", float("nan")))}
+
+
+def compiled_memory(compiled) -> dict[str, int | None]:
+  """Bytes of one device's compiled program: arguments, outputs, temporaries, donated aliases,
+  and their total (arguments + outputs + temporaries - aliases: what the program holds at once
+  at worst). None values where the backend gives no analysis."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {k: None for k in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+                              "total_bytes")}
+  out = {"argument_bytes": int(stats.argument_size_in_bytes),
+         "output_bytes": int(stats.output_size_in_bytes),
+         "temp_bytes": int(stats.temp_size_in_bytes),
+         "alias_bytes": int(stats.alias_size_in_bytes)}
+  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                        - out["alias_bytes"])
+  return out
+
+
+def device_memory_peak(devices: Sequence[jax.Device]) -> int | None:
+  """Largest 'peak_bytes_in_use' over devices since the process started, or None when the
+  runtime keeps no statistics (the CPU backend)."""
+  peaks = []
+  for device in devices:
+    stats = device.memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def device_memory_limit(devices: Sequence[jax.Device]) -> int | None:
+  limits = [int(s["bytes_limit"]) for s in (d.memory_stats() for d in devices)
+            if s and "bytes_limit" in s]
+  return min(limits) if limits else None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  return any(marker in str(error) for marker in _OOM_MARKERS)
+
+
+def timed_calls(call: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+  """Seconds of each of `steps` calls after `warmup` untimed ones; every call is waited for
+  with jax.block_until_ready, so a time is the device's, not the dispatch's."""
+  if steps < 1 or warmup < 0:
+    raise BenchmarkError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  seconds = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    seconds.append(time.perf_counter() - start)
+  return seconds
+
+
+def speed_report(seconds: Sequence[float], batch: int, flops: float, bytes_accessed: float,
+                 num_devices: int, peak: DevicePeak | None, dtype: str,
+                 model_flops: float | None = None) -> dict[str, Any]:
+  """Throughput, roofline and utilisation numbers of a step.
+
+  flops, bytes_accessed: one device's program per step (XLA); model_flops: the useful FLOPs of
+  that program when they differ from what runs (remat recomputation), else None = flops.
+  """
+  median = statistics.median(seconds)
+  model_flops = flops if model_flops is None else model_flops
+  report = {
+      "steps_timed": len(seconds), "ms_per_step": 1e3 * median,
+      "ms_per_step_min": 1e3 * min(seconds), "ms_per_step_max": 1e3 * max(seconds),
+      "images_per_s": batch / median,
+      "flops_per_step_per_device": flops, "model_flops_per_step_per_device": model_flops,
+      "flops_per_image": model_flops * num_devices / batch,
+      "bytes_accessed_per_step_per_device": bytes_accessed,
+      "bytes_accessed_per_image": bytes_accessed * num_devices / batch,
+      "arithmetic_intensity": flops / bytes_accessed if bytes_accessed > 0 else float("nan"),
+      "achieved_flops_per_s_per_device": flops / median,
+      "achieved_bytes_per_s_per_device": bytes_accessed / median,
+      "mfu": None, "hfu": None, "bandwidth_utilisation": None, "compute_bound_ms": None,
+      "memory_bound_ms": None, "ridge_intensity": None,
+  }
+  if peak is not None:
+    peak_flops = peak.flops(dtype)
+    report.update(
+        mfu=model_flops / median / peak_flops, hfu=flops / median / peak_flops,
+        bandwidth_utilisation=bytes_accessed / median / peak.bytes_per_s,
+        compute_bound_ms=1e3 * flops / peak_flops,
+        memory_bound_ms=1e3 * bytes_accessed / peak.bytes_per_s,
+        ridge_intensity=peak_flops / peak.bytes_per_s)
+  return report
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def _prepare(spec: StepSpec, variables, mesh):
+  mesh = mesh or make_mesh()
+  if spec.batch % mesh.size:
+    raise BenchmarkError(f"global batch {spec.batch} is not divisible by the {mesh.size} devices")
+  if variables is None:
+    variables = initial_variables(spec)
+  else:
+    _check_variables(spec, variables)
+  model, state = make_state(spec, variables, mesh)
+  return mesh, model, state
+
+
+def _lowered_flops(lowered) -> float:
+  analysis = lowered.cost_analysis() or {}
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float(analysis.get("flops", float("nan")))
+
+
+def _model_flops_without_remat(spec: StepSpec, lowered_remat, compiled_flops: float, state,
+                               batch, mesh, donate: bool) -> float:
+  """Per-device useful FLOPs of a remat step: its compiled FLOPs scaled by the ratio of the
+  lowered (unoptimised) programs' FLOPs without and with remat. Tracing only, no second
+  compilation; the ratio cancels what XLA's optimisations change in both."""
+  config = spec.replace(remat=False).config()
+  model = train.build_model(train.model_config_dict(config))
+  lowered = make_train_fn(model, config, mesh, donate=donate).lower(state, batch)
+  return compiled_flops * _lowered_flops(lowered) / _lowered_flops(lowered_remat)
+
+
+def measure_train(spec: StepSpec, *, steps: int = 20, warmup: int = 2, mesh=None,
+                  variables: Mapping[str, Any] | None = None, donate: bool = True,
+                  peak: DevicePeak | None = None) -> dict[str, Any]:
+  """Times train.make_train_step on one synthetic batch (see speed_report for the keys), plus
+  'compile_s', 'memory' (compiled_memory), 'device_peak_bytes' (None on CPU), 'losses' first
+  and last, 'nonfinite_steps' (steps whose loss or gradient was not finite: the step keeps the
+  old state, the timing is still that of a full step), 'devices', 'spec', 'donate'."""
+  mesh, model, state = _prepare(spec, variables, mesh)
+  config = spec.config()
+  batch = train.to_global_batch(synthetic_batch(spec.batch, spec.size, spec.aux_channels), mesh)
+  step = make_train_fn(model, config, mesh, donate=donate)
+  start = time.perf_counter()
+  lowered = step.lower(state, batch)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled_cost(compiled)
+  model_flops = (_model_flops_without_remat(spec, lowered, cost["flops"], state, batch, mesh,
+                                            donate) if spec.remat else None)
+  metrics = []
+  holder = {"state": state}
+
+  def call():
+    holder["state"], step_metrics = compiled(holder["state"], batch)
+    metrics.append(step_metrics)
+    return holder["state"], step_metrics
+
+  seconds = timed_calls(call, steps, warmup)
+  fetched = jax.device_get(metrics)
+  report = speed_report(seconds, spec.batch, cost["flops"], cost["bytes_accessed"], mesh.size,
+                        peak, spec.dtype, model_flops)
+  report.update(
+      spec=spec.to_dict(), devices=mesh.size, donate=donate, compile_s=compile_s,
+      memory=compiled_memory(compiled), device_peak_bytes=device_memory_peak(mesh.devices.flat),
+      first_loss=float(fetched[0]["loss"]), last_loss=float(fetched[-1]["loss"]),
+      nonfinite_steps=int(sum(not bool(m["finite"]) for m in fetched)))
+  return report
+
+
+def measure_eval(spec: StepSpec, *, steps: int = 20, warmup: int = 2, mesh=None,
+                 variables: Mapping[str, Any] | None = None,
+                 peak: DevicePeak | None = None) -> dict[str, Any]:
+  """Times train.make_eval_step (forward, sigmoid, per-tile counts) like measure_train."""
+  mesh, model, state = _prepare(spec, variables, mesh)
+  batch = train.to_global_batch(
+      synthetic_batch(spec.batch, spec.size, spec.aux_channels, with_valid=True), mesh)
+  step = train.make_eval_step(model, mesh)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled_cost(compiled)
+  seconds = timed_calls(lambda: compiled(state, batch), steps, warmup)
+  report = speed_report(seconds, spec.batch, cost["flops"], cost["bytes_accessed"], mesh.size,
+                        peak, spec.dtype)
+  report.update(spec=spec.to_dict(), devices=mesh.size, compile_s=compile_s,
+                memory=compiled_memory(compiled),
+                device_peak_bytes=device_memory_peak(mesh.devices.flat))
+  return report
+
+
+def search_max_batch(fits: Callable[[int], bool], *, start: int, cap: int,
+                     multiple: int = 1) -> tuple[int, list[tuple[int, bool]]]:
+  """Largest batch b (a multiple of `multiple`, start <= b <= cap) with fits(b), assuming
+  fits is monotone: doubling from `start` until a failure or the cap, then bisecting between
+  the last fit and the first failure. Returns (b, [(batch, fits) in the order tried]); b = 0
+  when `start` itself does not fit."""
+  if multiple < 1:
+    raise BenchmarkError(f"multiple must be >= 1, got {multiple}")
+  start = max(multiple, -(-start // multiple) * multiple)
+  cap = cap // multiple * multiple
+  if cap < start:
+    raise BenchmarkError(f"batch cap {cap} is below the smallest batch {start} "
+                         f"(a multiple of {multiple})")
+  tried: list[tuple[int, bool]] = []
+
+  def probe(b: int) -> bool:
+    ok = bool(fits(b))
+    tried.append((b, ok))
+    return ok
+
+  if not probe(start):
+    return 0, tried
+  good, bad = start, None
+  while good < cap:
+    b = min(2 * good, cap)
+    if probe(b):
+      good = b
+    else:
+      bad = b
+      break
+  while bad is not None and bad - good > multiple:
+    middle = (good + bad) // 2 // multiple * multiple
+    if middle <= good:
+      break
+    if probe(middle):
+      good = middle
+    else:
+      bad = middle
+  return good, tried
+
+
+def measure_max_batch(spec: StepSpec, *, cap: int, budget_bytes: int | None = None,
+                      mesh=None, variables: Mapping[str, Any] | None = None,
+                      start: int | None = None) -> dict[str, Any]:
+  """The largest global batch whose train step fits at spec.size (spec.remat as given).
+
+  A batch fits when it compiles, its compiled memory (compiled_memory 'total_bytes') is within
+  budget_bytes (when given: a stand-in for device memory on a CPU, where running out of host
+  memory kills the process instead of raising) and one step runs; an XLA out-of-memory error at
+  either stage means it does not fit. Other errors propagate. Returns {'max_batch', 'capped'
+  (True when the cap, not memory, stopped the search), 'cap', 'budget_bytes', 'remat',
+  'probes': [{'batch', 'fits', 'reason', 'memory', 'flops_per_step_per_device', 'compile_s'}]}.
+  """
+  mesh = mesh or make_mesh()
+  if variables is None:
+    variables = initial_variables(spec)
+  else:
+    _check_variables(spec, variables)
+  host_variables = jax.tree.map(np.asarray, dict(variables))
+  limit = device_memory_limit(mesh.devices.flat)
+  probes = []
+
+  def fits(b: int) -> bool:
+    probe_spec = spec.replace(batch=b)
+    config = probe_spec.config()
+    row = {"batch": b, "fits": False, "reason": "", "memory": None,
+           "flops_per_step_per_device": None, "compile_s": None}
+    probes.append(row)
+    state = batch = None
+    try:
+      model, state = make_state(probe_spec, host_variables, mesh)
+      batch = train.to_global_batch(synthetic_batch(b, spec.size, spec.aux_channels), mesh)
+      start_s = time.perf_counter()
+      compiled = make_train_fn(model, config, mesh).lower(state, batch).compile()
+      row["compile_s"] = time.perf_counter() - start_s
+      row["memory"] = compiled_memory(compiled)
+      row["flops_per_step_per_device"] = compiled_cost(compiled)["flops"]
+      total = row["memory"]["total_bytes"]
+      for name, bound in (("budget", budget_bytes), ("device limit", limit)):
+        if bound is not None and total is not None and total > bound:
+          row["reason"] = f"compiled memory {total} B > {name} {bound} B"
+          return False
+      jax.block_until_ready(compiled(state, batch))
+    except Exception as error:  # pylint: disable=broad-except
+      if not is_out_of_memory(error):
+        raise
+      row["reason"] = f"out of memory: {str(error).splitlines()[0][:200]}"
+      return False
+    finally:
+      del state, batch
+    row["fits"] = True
+    return True
+
+  best, _ = search_max_batch(fits, start=start or mesh.size, cap=cap, multiple=mesh.size)
+  capped = best == cap // mesh.size * mesh.size and all(p["fits"] for p in probes)
+  return {"max_batch": best, "capped": capped, "cap": cap, "budget_bytes": budget_bytes,
+          "device_limit_bytes": limit, "remat": spec.remat, "size": spec.size, "probes": probes,
+          "bytes_per_image_at_max": (_probe_total_bytes(probes, best) / best if best else None)}
+
+
+def _probe_total_bytes(probes: Sequence[Mapping[str, Any]], batch: int) -> float:
+  """Compiled total bytes of the probe at `batch` (nan when absent)."""
+  for row in probes:
+    if row["batch"] == batch and row["memory"] and row["memory"]["total_bytes"] is not None:
+      return float(row["memory"]["total_bytes"])
+  return float("nan")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def environment() -> dict[str, Any]:
+  """Device kind and count, backend and library versions."""
+  device = jax.devices()[0]
+  return {"platform": device.platform, "device_kind": device.device_kind,
+          "device_count": jax.device_count(), "process_count": jax.process_count(),
+          "jax_version": jax.__version__, "flax_version": flax.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_cpus": os.cpu_count()}
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+  """Model and size flags shared with benchmarks.run (None = that module's default)."""
+  parser.add_argument("--size", type=int, default=None, help="input side (multiple of 32)")
+  parser.add_argument("--batch", type=int, default=None, help="global batch")
+  parser.add_argument("--model", default="cmmpnet")
+  parser.add_argument("--width", type=float, default=None, help="channel multiplier")
+  parser.add_argument("--depths", default=None, help="blocks per encoder layer, e.g. 3,4,6,3")
+  parser.add_argument("--aux_channels", type=int, default=1)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--upsample_method", default="dilated", choices=("dilated", "subpixel"))
+  parser.add_argument("--remat", action="store_true", help="rematerialise blocks")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+
+
+def spec_from_args(args: argparse.Namespace, *, cpu_defaults: bool) -> StepSpec:
+  """StepSpec from add_spec_arguments' flags; unset size/width/depths/batch take the small CPU
+  defaults (128, 0.25, 1,1,1,1, 2) or the full ones (1024, 1.0, 3,4,6,3, 2) on accelerators."""
+  small = cpu_defaults
+  depths = args.depths or ("1,1,1,1" if small else "3,4,6,3")
+  try:
+    depths = tuple(int(d) for d in str(depths).split(",") if d.strip())
+  except ValueError as error:
+    raise BenchmarkError(f"--depths must be comma-separated integers, got {args.depths!r}") from error
+  if len(depths) != 4 or min(depths) < 1:
+    raise BenchmarkError(f"--depths needs four positive integers, got {args.depths!r}")
+  return StepSpec(model=args.model, width=args.width if args.width is not None else (
+      0.25 if small else 1.0), depths=depths, dtype=args.dtype,
+                  upsample_method=args.upsample_method, remat=bool(args.remat),
+                  aux_channels=args.aux_channels,
+                  size=args.size if args.size is not None else (128 if small else 1024),
+                  batch=args.batch if args.batch is not None else 2)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  add_spec_arguments(parser)
+  parser.add_argument("--sections", default="train", help="comma-separated: train,eval")
+  parser.add_argument("--no_donate", action="store_true", help="train step without donation")
+  parser.add_argument("--variables", default=None, help=".npz of parameters (save_variables)")
+  parser.add_argument("--no_peak", action="store_true",
+                      help="skip the peak measurement of devices missing from PEAK_TABLE")
+  parser.add_argument("--json", default=None, help="write the results to this file")
+  args = parser.parse_args(argv)
+  sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown or not sections:
+    parser.error(f"--sections must be a subset of {','.join(SECTIONS)}, got {args.sections!r}")
+  try:
+    spec = spec_from_args(args, cpu_defaults=jax.default_backend() == "cpu")
+  except BenchmarkError as error:
+    parser.error(str(error))
+  variables = load_variables(args.variables) if args.variables else initial_variables(spec)
+  peak = device_peak(measure_if_unknown=not args.no_peak)
+  report: dict[str, Any] = {"environment": environment(), "spec": spec.to_dict(),
+                            "peak": dataclasses.asdict(peak) if peak else None}
+  if "train" in sections:
+    report["train"] = measure_train(spec, steps=args.steps, warmup=args.warmup,
+                                    variables=variables, donate=not args.no_donate, peak=peak)
+  if "eval" in sections:
+    report["eval"] = measure_eval(spec, steps=args.steps, warmup=args.warmup,
+                                  variables=variables, peak=peak)
+  for name in sections:
+    row = report[name]
+    print(f"{name}: {row['images_per_s']:.2f} images/s, {row['ms_per_step']:.1f} ms/step, "
+          f"{row['flops_per_image'] / 1e9:.3f} GFLOP/image, {jax.device_count()} device(s)",
+          flush=True)
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=2))
+  return report
+
+
+if __name__ == "__main__":
+  main()
