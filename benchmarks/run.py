@@ -40,6 +40,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Sequence
 
 import jax
@@ -342,18 +343,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     spec.config()  # validates model fields before any work
   except (step_lib.BenchmarkError, ValueError, KeyError) as error:
     raise SystemExit(f"benchmarks.run: {error}") from error
+  started = time.perf_counter()
   peak = step_lib.device_peak()
+  peak_seconds = time.perf_counter() - started
   environment = step_lib.environment()
   report: dict[str, Any] = {"meta": {
       **environment, "spec": spec.to_dict(), "size": spec.size, "batch": spec.batch,
       "dtype": spec.dtype, "model": spec.model, "width": spec.width,
-      "peak": dataclasses.asdict(peak), "sections": args.sections, "steps": args.steps,
+      "peak": dataclasses.asdict(peak), "peak_seconds": peak_seconds, "sections": args.sections, "steps": args.steps,
       "warmup": args.warmup, "donate": not args.no_donate, "argv": list(argv or sys.argv[1:]),
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
   model_sections = {"train", "eval", "maxbatch", "scaling"} & set(args.sections)
+  started = time.perf_counter()
   variables = step_lib.initial_variables(spec) if model_sections else None
+  report["meta"]["init_seconds"] = time.perf_counter() - started
+  report["meta"]["section_seconds"] = section_seconds = {}
   for section in args.sections:
     print(f"[{section}] ...", flush=True)
+    started = time.perf_counter()
     if section == "train":
       report[section] = step_lib.measure_train(spec, steps=args.steps, warmup=args.warmup,
                                                variables=variables, donate=not args.no_donate,
@@ -369,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       report[section] = render_section(args)
     elif section == "scaling":
       report[section] = scaling_section(spec, args, variables, on_cpu, peak)
+    section_seconds[section] = time.perf_counter() - started
     if args.json:
       write_json(args.json, report)
   print(format_report(report), flush=True)

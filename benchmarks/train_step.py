@@ -16,8 +16,9 @@ model FLOPs utilisation against the device's peak (`PEAK_TABLE`, or a measured m
 when the device is not in the table, e.g. a CPU); the compiled program's memory (arguments,
 outputs, temporaries, donated aliases) and the device's peak memory when the runtime reports it.
 
-XLA's counts: a multiply-add is 2 FLOPs; with model.upsample_method 'dilated' the multiplications
-by the zeros inserted into a transposed convolution's input are counted (executed, not useful);
+XLA's counts: a multiply-add is 2 FLOPs; a transposed convolution written as a convolution of
+the zero-dilated input (model.upsample_method 'dilated') is counted without the multiplications
+by the inserted zeros, i.e. as useful work, although a CPU executes them (benchmarks/NOTES.md);
 'bytes accessed' sums operand and result bytes of every (fused) HLO, a proxy for memory traffic
 that ignores caches. Numbers are per device program; per-step totals multiply by the device count.
 
@@ -241,10 +242,16 @@ def load_variables(path: str | os.PathLike) -> dict:
   if not path.is_file():
     raise BenchmarkError(f"variables file {path} does not exist")
   try:
-    with np.load(path) as data:
-      flat = {key: data[key] for key in data.files}
-  except (OSError, ValueError) as error:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as error:
     raise BenchmarkError(f"variables file {path} is not a readable .npz: {error}") from error
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise BenchmarkError(f"variables file {path} holds one array, not save_variables' .npz")
+  with data:
+    try:
+      flat = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError) as error:
+      raise BenchmarkError(f"variables file {path} is corrupt: {error}") from error
   return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -1,0 +1,92 @@
+"""Data parallelism: the same global batch on 1 and on 8 simulated CPU devices gives the same loss
+and updated parameters (BatchNorm statistics of the global batch), and two jax.distributed
+processes on localhost train a step together, each feeding its own half of the batch."""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+STEP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    if len(sys.argv) > 3:  # multi-process: coordinator, process id
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
+    from cmmp_jax import configs, train
+    config = configs.load_config("configs/synthetic.py", {
+        "model.width": 0.125, "model.depths": (1, 1, 1, 1), "batch_size": 8,
+        "optimizer.schedule": "constant",
+        # Adam divides by sqrt(v) + eps: with the default 1e-8, weights whose gradient is ~0
+        # turn reduction-order rounding into +-lr steps. A larger eps keeps the comparison to
+        # float tolerance without changing what is compared.
+        "optimizer.eps": 1e-3})
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1.6, 1.6, (8, 32, 32, 3)).astype(np.float32),
+             "aux": rng.uniform(-1.6, 1.6, (8, 32, 32, 1)).astype(np.float32),
+             "mask": (rng.uniform(size=(8, 32, 32, 1)) > 0.7).astype(np.float32)}
+    n, i = jax.process_count(), jax.process_index()
+    local = {k: v[i * 8 // n:(i + 1) * 8 // n] for k, v in batch.items()}
+    mesh = train.make_mesh()
+    model, state = train.init_state(config, (1, 32, 32, 3), (1, 32, 32, 1), 10, mesh)
+    step = train.make_train_step(model, config, mesh)
+    losses = []
+    for _ in range(2):
+      state, metrics = step(state, train.to_global_batch(local, mesh))
+      losses.append(float(metrics["loss"]))
+    leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats))
+    sums = [float(np.asarray(jax.device_get(x), np.float64).sum()) for x in leaves]
+    if i == 0:
+      json.dump({"devices": jax.device_count(), "losses": losses, "sums": sums},
+                open(sys.argv[1], "w"))
+""")
+
+
+def _run(tmp_path, devices, extra_args=(), env_extra=None, procs=1):
+  script = tmp_path / "step.py"
+  script.write_text(STEP_SCRIPT)
+  out = tmp_path / f"out_{devices}_{procs}.json"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env_extra or {})}
+  if procs == 1:
+    subprocess.run([sys.executable, str(script), str(out)], cwd=REPO, env=env, check=True,
+                   timeout=600)
+  else:
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      port = s.getsockname()[1]
+    running = [subprocess.Popen([sys.executable, str(script), str(out), f"localhost:{port}",
+                                 str(p)], cwd=REPO, env=env) for p in range(procs)]
+    codes = [p.wait(timeout=600) for p in running]
+    assert codes == [0] * procs, codes
+  return json.loads(out.read_text())
+
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  return _run(tmp_path_factory.mktemp("one"), 1)
+
+
+def test_one_device_equals_eight_devices(tmp_path, one_device):
+  one = one_device
+  eight = _run(tmp_path, 8)
+  assert one["devices"] == 1 and eight["devices"] == 8
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+  np.testing.assert_allclose(eight["sums"], one["sums"], rtol=1e-4, atol=1e-4)
+
+
+def test_two_processes_train_a_step_together(tmp_path, one_device):
+  one = one_device
+  two = _run(tmp_path, 1, procs=2)
+  assert two["devices"] == 2
+  np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+  np.testing.assert_allclose(two["sums"], one["sums"], rtol=1e-4, atol=1e-4)
