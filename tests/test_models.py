@@ -215,3 +215,23 @@ def test_shape_and_size_generality():
   model = CMMPNet(**TINY)
   v = _init(model, image, aux)
   assert _apply(model, v, image, aux).shape == (1, 96, 160, 1)
+
+
+def test_summary_counts_params_and_flops():
+  from cmmp_jax.models import summary
+  rows = summary.summarize(dict(width=0.125, depths=(1, 1, 1, 1)), ["cmmpnet", "image_only"],
+                           [32, 64])
+  cmmp, single = rows
+  image, aux = _inputs(size=32)
+  v = jax.eval_shape(lambda: CMMPNet(**TINY).init(jax.random.PRNGKey(0), image, aux))
+  assert cmmp["params"] == sum(x.size for x in jax.tree_util.tree_leaves(v["params"]))
+  # FLOPs grow ~4x with 2x the side; the two-branch model costs about twice the single one.
+  assert 3.5 < cmmp["gflops_64"] / cmmp["gflops_32"] < 4.5
+  assert 1.8 < cmmp["gflops_64"] / single["gflops_64"] < 3.0
+
+
+def test_table5_formats_percentages():
+  from cmmp_jax.experiments import table5
+  row = {"best_step": 24, "val": {"g_iou": 0.5}, "test": {"a_iou": 0.6123, "g_iou": 0.625}}
+  table = table5.format_table([("cmmpnet", row)])
+  assert "| CMMPNet" in table and "61.23" in table and "62.50" in table and "50.00" in table
