@@ -170,3 +170,65 @@ def test_adaptive_max_pool_matches_pytorch_bins(h, w, bins):
   np.testing.assert_array_equal(np.asarray(adaptive_max_pool(jnp.asarray(x), bins)),
                                 _np_adaptive_max_pool(x, bins))
   assert adaptive_bin_edges(5, 4) == [(0, 2), (1, 3), (2, 4), (3, 5)]
+
+
+def test_convert_cli_writes_a_checkpoint_that_eval_loads(parity, tmp_path):
+  """`python -m cmmp_jax.convert` on an .npz state_dict -> Orbax checkpoint -> the restored model
+  reproduces the release's logits."""
+  from cmmp_jax import configs, train
+  npz = tmp_path / "release.npz"
+  np.savez(npz, **{f"module.{k}": v for k, v in parity["state_dict"].items()})
+  workdir = tmp_path / "converted"
+  convert.main(["--torch-checkpoint", str(npz), "--workdir", str(workdir),
+                "--config", "configs/bjroad.py"])
+  config = configs.load_config("configs/bjroad.py")
+  model, state, step, _ = train.restore_for_inference(config, str(workdir), "best")
+  assert step == 0
+  with jax.default_matmul_precision("highest"):
+    logits = jax.jit(lambda p, s, i, a: model.apply({"params": p, "batch_stats": s}, i, a))(
+        state.params, state.batch_stats, parity["image"], parity["aux"])
+  assert np.abs(np.asarray(logits) - nhwc(parity["ref"]["logits"])).max() <= 1e-3
+  with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    convert.main(["--torch-checkpoint", str(npz), "--workdir", str(workdir)])
+  with pytest.raises(ImportError, match="pip install torch|needs PyTorch"):
+    pth = tmp_path / "release.pth"
+    pth.write_bytes(b"not a real file")
+    try:
+      import torch  # noqa: F401  pylint: disable=unused-import
+      pytest.skip("torch is installed here; the missing-torch message cannot be checked")
+    except ImportError:
+      convert.load_state_dict_file(pth)
+
+
+def test_torchvision_resnet34_weights_load_into_both_encoders(parity):
+  """A torchvision ResNet-34 state_dict (here: the release's image encoder renamed to
+  torchvision's keys) fills both branches; the aux stem keeps its 1-channel conv."""
+  resnet = {}
+  for key, value in parity["state_dict"].items():
+    head, _, rest = key.partition(".")
+    if head in ("firstconv1", "firstbn"):
+      resnet[{"firstconv1": "conv1", "firstbn": "bn1"}[head] + "." + rest] = value
+    elif head in ("encoder1", "encoder2", "encoder3", "encoder4"):
+      resnet[f"layer{head[-1]}.{rest}"] = value
+  resnet["fc.weight"] = np.zeros((1000, 512), np.float32)
+  model = CMMPNet()
+  fresh = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), parity["image"],
+                                            parity["aux"]))
+  fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), fresh)
+  loaded = convert.load_torchvision_resnet34(fresh, resnet, "image")
+  loaded = convert.load_torchvision_resnet34(loaded, resnet, "aux")
+  want = parity["variables"]["params"]["image"]
+  for branch in ("image", "aux"):
+    got = loaded["params"][branch]
+    np.testing.assert_array_equal(got["encoder3"]["block5"]["conv2"]["conv"]["kernel"],
+                                  want["encoder3"]["block5"]["conv2"]["conv"]["kernel"])
+    np.testing.assert_array_equal(loaded["batch_stats"][branch]["encoder4"]["block0"][
+        "downsample_bn"]["var"], parity["variables"]["batch_stats"]["image"]["encoder4"][
+            "block0"]["downsample_bn"]["var"])
+  # torchvision's stem is RGB like our input, so it is copied as is (no BGR flip) ...
+  np.testing.assert_array_equal(loaded["params"]["image"]["stem"]["conv"]["conv"]["kernel"],
+                                parity["state_dict"]["firstconv1.weight"].transpose(2, 3, 1, 0))
+  # ... and the auxiliary stem (1 input channel) keeps its own conv.
+  assert not loaded["params"]["aux"]["stem"]["conv"]["conv"]["kernel"].any()
+  with pytest.raises(convert.ConversionError, match="not a torchvision ResNet-34 key"):
+    convert.load_torchvision_resnet34(fresh, {"classifier.weight": np.zeros(3)}, "image")
