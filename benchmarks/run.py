@@ -59,7 +59,8 @@ def _positive_ints(text: str, flag: str) -> list[int]:
   try:
     values = [int(v) for v in text.split(",") if v.strip()]
   except ValueError as error:
-    raise step_lib.BenchmarkError(f"{flag} must be comma-separated integers, got {text!r}") from error
+    raise step_lib.BenchmarkError(
+        f"{flag} must be comma-separated integers, got {text!r}") from error
   if not values or min(values) < 0:
     raise step_lib.BenchmarkError(f"{flag} must list non-negative integers, got {text!r}")
   return values
@@ -73,7 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--json", default=None, help="write the report to this file")
   parser.add_argument("--no_donate", action="store_true", help="train step without donation")
   parser.add_argument("--maxbatch_cap", type=int, default=None,
-                      help="largest batch tried (default 4 on CPU, 4096 elsewhere)")
+                      help="largest batch tried (default 4 on CPU, 256 elsewhere)")
   parser.add_argument("--maxbatch_budget_mb", type=float, default=None,
                       help="compiled-memory budget per device (default on CPU: a quarter of "
                       "the host's RAM; elsewhere the device's own limit)")
@@ -115,7 +116,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def maxbatch_section(spec, args, variables, on_cpu: bool) -> dict[str, Any]:
   """measure_max_batch without and with remat, from --batch up to the cap."""
-  cap = args.maxbatch_cap or (4 if on_cpu else 4096)
+  cap = args.maxbatch_cap or (4 if on_cpu else 256)
   budget = None
   if args.maxbatch_budget_mb is not None:
     budget = int(args.maxbatch_budget_mb * 2 ** 20)
@@ -135,8 +136,8 @@ def maxbatch_section(spec, args, variables, on_cpu: bool) -> dict[str, Any]:
 
 
 def pipeline_section(spec, args) -> dict[str, Any]:
-  """benchmarks.pipeline.run through its command line, in a subprocess: TFDS can only build
-  its synthetic dataset class when that module runs as __main__ (imported as
+  """benchmarks.pipeline.run through its command line, in a CPU-only subprocess: TFDS can only
+  build that module's synthetic dataset class when the module runs as __main__ (imported as
   benchmarks.pipeline, TFDS's builder code_path lookup needs the absent importlib_resources
   package), and grain's worker processes stay out of this one."""
   with tempfile.TemporaryDirectory(prefix="cmmp_pipeline_") as folder:
@@ -146,7 +147,10 @@ def pipeline_section(spec, args) -> dict[str, Any]:
            "--workers", ",".join(str(w) for w in args.pipeline_workers),
            "--num_examples", str(args.pipeline_examples),
            "--batch_size", str(args.pipeline_batch or spec.batch), "--json", str(out)]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    # The pipeline needs no accelerator; this process may hold most of its memory already.
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          check=False)
     if done.returncode != 0 or not out.is_file():
       tail = "\n".join(done.stderr.strip().splitlines()[-15:])
       raise step_lib.BenchmarkError(
@@ -218,9 +222,16 @@ def real_device_scaling(spec, args, variables, peak) -> list[dict[str, Any]]:
   for n in args.scaling_devices:
     if n > jax.device_count():
       continue
-    result = step_lib.measure_train(spec, steps=args.steps, warmup=args.warmup,
-                                    mesh=step_lib.make_mesh(n), variables=variables,
-                                    donate=not args.no_donate, peak=peak)
+    try:
+      result = step_lib.measure_train(spec, steps=args.steps, warmup=args.warmup,
+                                      mesh=step_lib.make_mesh(n), variables=variables,
+                                      donate=not args.no_donate, peak=peak)
+    except Exception as error:  # pylint: disable=broad-except
+      if not step_lib.is_out_of_memory(error):
+        raise
+      rows.append({"devices": n, "global_batch": spec.batch, "per_device_batch": spec.batch // n,
+                   "images_per_s": None, "error": f"out of memory: {str(error)[:200]}"})
+      continue
     rows.append(_scaling_row(n, result, spec.batch))
   return _relative(rows)
 
@@ -238,7 +249,8 @@ def _relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """Adds images/s relative to the 1-device row (None without one)."""
   base = next((r["images_per_s"] for r in rows if r["devices"] == 1), None)
   for row in rows:
-    row["relative_to_1_device"] = row["images_per_s"] / base if base else None
+    row["relative_to_1_device"] = (row["images_per_s"] / base
+                                   if base and row["images_per_s"] else None)
   return rows
 
 
@@ -321,7 +333,7 @@ def format_report(report: dict[str, Any]) -> str:
     for key, label in (("simulated_cpu", "simulated CPU devices"), ("real", "real devices")):
       if s.get(key):
         lines.append(f"scaling, {label}, global batch {s['global_batch']}: " + ", ".join(
-            f"{r['devices']}: {r['images_per_s']:.2f} img/s"
+            f"{r['devices']}: {_fmt(r['images_per_s'])} img/s"
             + (f" ({r['relative_to_1_device']:.2f}x)" if r["relative_to_1_device"] else "")
             for r in s[key]))
   return "\n".join(lines)
@@ -350,8 +362,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   report: dict[str, Any] = {"meta": {
       **environment, "spec": spec.to_dict(), "size": spec.size, "batch": spec.batch,
       "dtype": spec.dtype, "model": spec.model, "width": spec.width,
-      "peak": dataclasses.asdict(peak), "peak_seconds": peak_seconds, "sections": args.sections, "steps": args.steps,
-      "warmup": args.warmup, "donate": not args.no_donate, "argv": list(argv or sys.argv[1:]),
+      "peak": dataclasses.asdict(peak), "peak_seconds": peak_seconds,
+      "sections": args.sections, "steps": args.steps, "warmup": args.warmup,
+      "donate": not args.no_donate, "argv": list(sys.argv[1:] if argv is None else argv),
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
   model_sections = {"train", "eval", "maxbatch", "scaling"} & set(args.sections)
   started = time.perf_counter()

@@ -624,7 +624,8 @@ def spec_from_args(args: argparse.Namespace, *, cpu_defaults: bool) -> StepSpec:
   try:
     depths = tuple(int(d) for d in str(depths).split(",") if d.strip())
   except ValueError as error:
-    raise BenchmarkError(f"--depths must be comma-separated integers, got {args.depths!r}") from error
+    raise BenchmarkError(
+        f"--depths must be comma-separated integers, got {args.depths!r}") from error
   if len(depths) != 4 or min(depths) < 1:
     raise BenchmarkError(f"--depths needs four positive integers, got {args.depths!r}")
   return StepSpec(model=args.model, width=args.width if args.width is not None else (

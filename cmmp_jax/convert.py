@@ -32,7 +32,7 @@ class ConversionError(ValueError):
 _BRANCH_LAYER_RULES = [
     # (regex on the key without the branch suffix, path template, kind)
     (r"firstconv1\.weight", ("stem", "conv", "conv", "kernel"), "conv"),
-    (r"firstconv1\.bias", ("stem", "conv", "conv", "bias"), "vector"),
+    (r"firstconv1\.bias", ("stem", "conv", "bias"), "vector"),
     (r"firstbn\.(\w+)", ("stem", "bn"), "bn"),
     (r"encoder(\d)\.(\d+)\.conv(\d)\.weight", ("encoder{0}", "block{1}", "conv{2}", "conv",
                                                 "kernel"), "conv"),
@@ -76,6 +76,8 @@ def _place(kind: str, path: tuple, groups: tuple, value: np.ndarray):
     return collection, path + (leaf,), value
   if kind == "vector":
     return "params", path, value
+  if kind == "conv_or_bias" and last == "bias":
+    return "params", path[:-1] + ("bias",), value  # Conv keeps its bias beside conv/kernel
   if kind.endswith("_or_bias") and last == "bias":
     return "params", path + ("bias",), value
   if kind in ("conv", "conv_or_bias"):

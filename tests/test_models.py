@@ -235,3 +235,13 @@ def test_table5_formats_percentages():
   row = {"best_step": 24, "val": {"g_iou": 0.5}, "test": {"a_iou": 0.6123, "g_iou": 0.625}}
   table = table5.format_table([("cmmpnet", row)])
   assert "| CMMPNet" in table and "61.23" in table and "62.50" in table and "50.00" in table
+
+
+def test_bfloat16_bias_gradient_is_accumulated_in_float32():
+  """Regression: a bias gradient summed in bfloat16 stalls (1024 instead of 8192 on XLA:CPU)."""
+  from cmmp_jax.models.layers import Conv
+  conv = Conv(1, 3, dtype=jnp.bfloat16)
+  x = jnp.zeros((2, 64, 64, 1), jnp.bfloat16)
+  v = conv.init(jax.random.PRNGKey(0), x)
+  grads = jax.grad(lambda p: conv.apply({"params": p}, x).astype(jnp.float32).sum())(v["params"])
+  assert float(grads["bias"][0]) == 2 * 64 * 64

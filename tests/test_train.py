@@ -143,3 +143,30 @@ def test_plateau_schedule_follows_the_release():
   # Not improved for more than 2 evaluations (the 3rd bad one) -> lr / 10; below min -> stop.
   assert trace[4] == (0.01, False) and trace[5] == (0.01, False)
   assert trace[8] == (0.001, False) and trace[11] == (0.0001, True)
+
+
+def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch):
+  """Preemption: SIGTERM during step 2 -> the run saves step 2 and returns; a rerun resumes."""
+  import os
+  import signal
+  config, _, _ = trained
+  make_step = train.make_train_step
+
+  def make_step_that_gets_preempted(*args, **kwargs):
+    step = make_step(*args, **kwargs)
+    calls = []
+
+    def run(state, batch):
+      calls.append(1)
+      if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop's handler, not fatal
+      return step(state, batch)
+    return run
+
+  monkeypatch.setattr(train, "make_train_step", make_step_that_gets_preempted)
+  run = tmp_path / "preempted"
+  train.train_and_evaluate(config, str(run))
+  assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+  monkeypatch.setattr(train, "make_train_step", make_step)
+  train.train_and_evaluate(config, str(run))
+  assert "6" in [p.name for p in (run / "checkpoints").iterdir()]

@@ -116,7 +116,8 @@ class DualBranchNet(nn.Module):
       fi, fa = self._fuse(f"dem_d{level}", fi, fa, train)
       self.sow("intermediates", f"fused_d{level}", (fi, fa))
     heads = jnp.concatenate([img.final(fi), ax.final(fa)], axis=-1)
-    logits = Conv(1, 3, dtype=self.dtype, name="finalconv")(heads)
+    # The one-channel fusion conv runs in float32 (negligible cost): the logits are thresholded.
+    logits = Conv(1, 3, dtype=jnp.float32, name="finalconv")(heads)
     return logits.astype(jnp.float32)
 
 
@@ -163,5 +164,5 @@ class SingleBranchNet(nn.Module):
                        f"{self.inputs!r}")
     net = Autoencoder(self.backbone, self.width, tuple(self.depths), self.inputs == "aux",
                       self.decoder, self.upsample_method, self.remat, self.dtype, name="net")
-    logits = Conv(1, 3, dtype=self.dtype, name="finalconv")(net(x(), train))
+    logits = Conv(1, 3, dtype=jnp.float32, name="finalconv")(net(x(), train))
     return logits.astype(jnp.float32)
