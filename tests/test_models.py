@@ -110,21 +110,22 @@ def test_dem_ablations_change_tree_and_output(full_tiny_cmmpnet, switch, absent,
 def test_spp_levels_set_global_fc_inputs(levels):
   image, aux = _inputs(size=32)
   model = CMMPNet(**TINY, spp_levels=levels)
-  v = _init(model, image, aux)
+  v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image, aux))
   c = v["params"]["dem_e4"]["image"]["local_bn"]["scale"].shape[0]
   fc = v["params"]["dem_e4"]["image"]["global_fc"]["kernel"]
   assert fc.shape == (c * sum(b * b for b in levels), c)
-  assert np.isfinite(np.asarray(_apply(model, v, image, aux))).all()
+  if levels == (1, 2, 4, 8):  # 8x8 bins over maps as small as 1x1 (bins repeat pixels)
+    assert np.isfinite(np.asarray(_apply(model, _init(model, image, aux), image, aux))).all()
 
 
 def test_local_kernel_3x3_option_and_aux_channels():
-  image, aux = _inputs(aux_channels=5)
+  image, aux = _inputs(size=32, aux_channels=5)
   model = CMMPNet(**TINY, local_kernel_size=3, aux_channels=5)
-  v = _init(model, image, aux)
+  v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image, aux))
   assert v["params"]["dem_e1"]["aux"]["local_conv"]["conv"]["kernel"].shape[:2] == (3, 3)
   assert v["params"]["aux"]["stem"]["conv"]["conv"]["kernel"].shape[2] == 5
   with pytest.raises(ValueError, match="aux_channels"):
-    _apply(model, v, image, aux[..., :1])
+    jax.eval_shape(lambda: model.apply(v, image, aux[..., :1]))
 
 
 def test_no_dem_is_late_fusion_and_without_messages_raises():
