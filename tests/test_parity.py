@@ -124,11 +124,12 @@ def _np_bn(x, p, stats, train, eps=1e-5):
 
 
 def _np_conv1x1(x, p):
-  return x @ p["kernel"][0, 0] + p["bias"]
+  """A 1x1 `layers.Conv`: kernel under conv/, bias beside it."""
+  return x @ p["conv"]["kernel"][0, 0] + p["bias"]
 
 
 def _np_messages(f, p, stats, levels, train):
-  local = _np_bn(_np_conv1x1(f, p["local_conv"]["conv"]), p["local_bn"], stats["local_bn"], train)
+  local = _np_bn(_np_conv1x1(f, p["local_conv"]), p["local_bn"], stats["local_bn"], train)
   n, h, w, c = f.shape
   pooled = [np.transpose(_np_adaptive_max_pool(local, b), (0, 3, 1, 2)).reshape(n, -1)
             for b in levels]
@@ -136,8 +137,8 @@ def _np_messages(f, p, stats, levels, train):
   glob = np.broadcast_to(g[:, None, None, :], f.shape)
   both = np.concatenate([local, glob], -1)
   sig = lambda z: 1 / (1 + np.exp(-z))
-  return (sig(_np_conv1x1(both, p["local_gate"]["conv"])) * local
-          + sig(_np_conv1x1(both, p["global_gate"]["conv"])) * glob)
+  return (sig(_np_conv1x1(both, p["local_gate"])) * local
+          + sig(_np_conv1x1(both, p["global_gate"])) * glob)
 
 
 @pytest.mark.parametrize("name,size,train", [("dem_e4", (3, 5), False), ("dem_e4", (3, 5), True),
