@@ -11,6 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from data_builders import common
+
 from cmmp_jax.data import pipeline
 from cmmp_jax.data.augment import AugmentConfig, ExampleError
 
@@ -246,13 +248,7 @@ class PipelineTestTiles(tfds.core.GeneratorBasedBuilder):
   NUM_TILES = 6
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
-        'aux': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
-        'mask': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
-        'tile_id': tfds.features.Text(),
-        'bounds': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-    }))
+    return tfds.core.DatasetInfo(builder=self, features=common.example_features(1))
 
   def _split_generators(self, dl_manager):
     del dl_manager

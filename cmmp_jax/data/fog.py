@@ -17,13 +17,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from cmmp_jax.data.heatmap import as_generator
 
-def _generator(seed) -> np.random.Generator:
-  if isinstance(seed, np.random.Generator):
-    return seed
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-    raise TypeError(f"seed must be an int or a numpy Generator, got {seed!r}")
-  return np.random.default_rng(int(seed))
 
 
 def smooth_noise(height: int, width: int, *, seed, feature_size: float = 0.25,
@@ -43,7 +38,7 @@ def smooth_noise(height: int, width: int, *, seed, feature_size: float = 0.25,
     raise ValueError(f"feature_size must be in (0, 1], got {feature_size}")
   if octaves < 1:
     raise ValueError(f"octaves must be >= 1, got {octaves}")
-  rng = _generator(seed)
+  rng = as_generator(seed)
   side = max(height, width)
   total = np.zeros((height, width))
   for octave in range(octaves):

@@ -360,7 +360,8 @@ def render_channels(cols, rows, height: int, width: int, *, speed=None, interval
 # GPS augmentations (pure functions; every random one takes an int seed or a Generator).
 
 
-def _generator(seed) -> np.random.Generator:
+def as_generator(seed) -> np.random.Generator:
+  """An int seed or a numpy Generator (passed through) as a Generator; used by fog.py too."""
   if isinstance(seed, np.random.Generator):
     return seed
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -402,7 +403,7 @@ def subsample_points(cols, rows, *attributes, keep_fraction, seed) -> tuple[np.n
     (cols, rows, *attributes) of the kept points, float64, in their original order.
   """
   cols, rows, attributes = _with_attributes(cols, rows, attributes)
-  rng = _generator(seed)
+  rng = as_generator(seed)
   fraction = _draw(keep_fraction, rng, "keep_fraction", 0.0, 1.0)
   n_keep = int(round(fraction * cols.size))
   kept = np.sort(rng.choice(cols.size, size=n_keep, replace=False))
@@ -426,7 +427,7 @@ def reduce_precision(cols, rows, *, grid_size, seed=None) -> tuple[np.ndarray, n
   cols, rows = _points(cols, rows)
   if isinstance(grid_size, (tuple, list)) and seed is None:
     raise ValueError("reduce_precision needs a seed when grid_size is a (low, high) range")
-  rng = _generator(seed) if seed is not None else None
+  rng = as_generator(seed) if seed is not None else None
   step = _draw(grid_size, rng, "grid_size", 0.0, np.inf)
   if step <= 0:
     raise ValueError(f"grid_size must be positive, got {step}")
@@ -446,7 +447,7 @@ def perturb_points(cols, rows, *, sigma, seed) -> tuple[np.ndarray, np.ndarray]:
     (cols, rows) float64; points pushed off the tile are dropped later by the renderer.
   """
   cols, rows = _points(cols, rows)
-  rng = _generator(seed)
+  rng = as_generator(seed)
   sigma = _draw(sigma, rng, "sigma", 0.0, np.inf)
   noise = rng.normal(0.0, sigma, size=(2, cols.size)) if sigma > 0 else np.zeros((2, cols.size))
   return cols + noise[0], rows + noise[1]
@@ -460,7 +461,7 @@ def random_omission_rect(height: int, width: int, *, size_fraction=0.5,
   hang over the tile's edge (as in Sun et al., who place a half-size square anywhere).
   """
   height, width = _check_size(height, width)
-  rng = _generator(seed)
+  rng = as_generator(seed)
   fraction = _draw(size_fraction, rng, "size_fraction", 0.0, 1.0)
   rect_h, rect_w = fraction * height, fraction * width
   centre_row, centre_col = rng.uniform(0.0, height), rng.uniform(0.0, width)
