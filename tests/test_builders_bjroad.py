@@ -16,6 +16,7 @@ from cmmp_jax.data import heatmap as heatmap_lib
 from data_builders import common
 from data_builders.bjroad import Bjroad, BjroadConfig
 from data_builders.bjroad import bjroad as bjroad_lib
+from builder_testing import decoded, read_split
 
 SIZE = 32
 
@@ -51,16 +52,6 @@ def build(tmp_path, manual, config):
   return builder
 
 
-def read_split(builder, split):
-  source = builder.as_data_source(split=split)
-  examples = [source[i] for i in range(len(source))]
-  return {ex['tile_id'].decode() if isinstance(ex['tile_id'], bytes) else ex['tile_id']: ex
-          for ex in examples}
-
-
-def decoded(path, mode):
-  with Image.open(path) as image:
-    return np.asarray(image.convert(mode))
 
 
 TRAIN_VAL = [f'{x}_{y}' for x in range(3) for y in range(4)]  # 12 tiles -> 2 validation

@@ -9,6 +9,7 @@ from PIL import Image
 from data_builders import common
 from data_builders.porto import Porto
 from data_builders.porto import porto as porto_lib
+from builder_testing import decoded, read_split
 
 SIZE = 24
 IDS = [f'tile{i:02d}' for i in range(6)]
@@ -42,14 +43,6 @@ def build(tmp_path, config):
   return builder
 
 
-def read_split(builder, split):
-  source = builder.as_data_source(split=split)
-  return {source[i]['tile_id'].decode(): source[i] for i in range(len(source))}
-
-
-def decoded(path, mode):
-  with Image.open(path) as image:
-    return np.asarray(image.convert(mode))
 
 
 def test_folds_read_back_identical_pixels(tmp_path):

@@ -8,6 +8,7 @@ from PIL import Image
 
 from data_builders import common
 from data_builders.tlcgis import Tlcgis
+from builder_testing import decoded, read_split
 
 SIZE = 20  # the real tiles are 500x500 and are kept at their size
 SPLITS = {'train.txt': ['10078660_15', '10078660_16', '10078675_01'],
@@ -40,14 +41,6 @@ def build(tmp_path):
   return builder
 
 
-def read_split(builder, split):
-  source = builder.as_data_source(split=split)
-  return {source[i]['tile_id'].decode(): source[i] for i in range(len(source))}
-
-
-def decoded(path, mode):
-  with Image.open(path) as image:
-    return np.asarray(image.convert(mode))
 
 
 @pytest.mark.parametrize('mask_background', [1, 255])
