@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import pathlib
@@ -120,7 +121,7 @@ def init_state(config, image_shape, aux_shape, total_steps: int, mesh=None):
                  config.init.resnet34_checkpoint, branches)
   _, state = create_state_from_variables(config, variables, total_steps, run_key)
   if mesh is not None:
-    state = jax.device_put(state, replicated(mesh))
+    state = put_replicated(jax.device_get(state), mesh)
   return model, state
 
 
@@ -132,6 +133,22 @@ def make_mesh() -> jax.sharding.Mesh:
 
 def replicated(mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def put_replicated(tree, mesh):
+  """Host arrays (the same on every process) -> global arrays replicated over `mesh`.
+
+  Each process fills its own devices from its own copy. `jax.device_put` would do the same but,
+  with several processes, first checks with one cross-process collective per leaf that the
+  copies agree; those collectives then run wherever each process happens to be, and on CPU
+  (gloo) one that waits more than 30 s for a slower process fails."""
+  sharding = replicated(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
 
 
 def batch_sharding(mesh) -> jax.sharding.NamedSharding:
@@ -187,8 +204,14 @@ def make_train_step(model, config, mesh):
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    # lax.cond rather than jnp.where(finite, new, old) over the whole state: with the state
+    # donated, the update then writes in place and the skip branch forwards the old buffers,
+    # while a select keeps the old and the new state alive together (benchmarks/NOTES.md, C4).
+    new_state = jax.lax.cond(
+        finite,
+        lambda s, g, bs: s.apply_gradients(grads=g, batch_stats=bs),
+        lambda s, g, bs: s,
+        state, grads, updates["batch_stats"])
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                        "learning_rate": current_learning_rate(state)}
 
@@ -245,10 +268,17 @@ def dataset_source(config, split: str):
   return builder.as_data_source(split=split)
 
 
-def _sync_processes(name: str):
+_BARRIERS = collections.Counter()
+
+
+def _sync_processes(name: str, timeout_s: int = 3600):
+  """Waits until every process reaches this point. A barrier of the coordination service, not a
+  device collective: processes may arrive minutes apart (one builds the dataset, or compiles
+  slower), which a collective's own connection timeout (30 s with gloo on CPU) does not allow."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    _BARRIERS[name] += 1  # barrier names must be unique
+    ocp.multihost.sync_global_processes(f"cmmp_{name}_{_BARRIERS[name]}", timeout=timeout_s)
 
 
 def _input_size(config):
@@ -274,16 +304,19 @@ def evaluate_split(eval_step, state, source, config, mesh, *, keep_examples: int
       source, global_batch_size=config.eval_batch_size, input_size=_input_size(config),
       scaling=config.data.scaling, shard_index=jax.process_index(),
       shard_count=jax.process_count())
-  pending = []
+  pending, kept = [], []
   for local in batches:
     counts, probs = eval_step(state, to_global_batch(local, mesh))
     pending.append(counts)
-    if len(examples) < keep_examples:
-      probs = np.asarray(jax.experimental.multihost_utils.process_allgather(probs, tiled=True)
-                         if jax.process_count() > 1 else probs)
-      for i in range(probs.shape[0]):
-        if len(examples) < keep_examples and local["valid"][i]:
-          examples.append((local["image"][i], local["aux"][i], probs[i], local["mask"][i]))
+    if sum(int(np.sum(k["valid"])) for k, _ in kept) < keep_examples:
+      kept.append((local, probs))
+  _sync_processes("evaluated")  # the gathers below are collectives: start them together
+  for local, probs in kept:
+    # Process 0 writes the summaries; its rows come first in the gathered batch.
+    probs = np.asarray(_gather(probs))
+    for i in range(local["image"].shape[0]):
+      if len(examples) < keep_examples and local["valid"][i]:
+        examples.append((local["image"][i], local["aux"][i], probs[i], local["mask"][i]))
   for counts in pending:  # one host transfer per batch, after all steps are dispatched
     counts = {k: np.asarray(_gather(v)) for k, v in counts.items()}
     accumulator.update(counts)
@@ -339,7 +372,11 @@ class PlateauSchedule:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop checks it between steps (a host bool, no device sync)."""
+  """SIGTERM sets a flag; the loop checks it between steps (a host bool, no device sync).
+
+  With several processes the notice reaches them at different steps, and every process must
+  save the same step: jax's preemption sync point (the coordination service agrees on the step
+  after the latest one any process has reached) decides instead of the local flag."""
 
   def __init__(self):
     self.requested = False
@@ -357,6 +394,15 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # the preemption service is off: fall back to the local signal
+        pass
+    return self.requested
 
 
 def _writer(workdir):
@@ -402,7 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   history = []
   if ckpts.latest.latest_step() is not None:
     step0, restored, meta = ckpts.restore("latest", jax.device_get(state), config.model, data_iter)
-    state = jax.device_put(restored, replicated(mesh))
+    state = put_replicated(restored, mesh)
     plateau = PlateauSchedule(**meta.get("plateau", dataclasses.asdict(plateau)))
     history = meta.get("history", [])
     print(f"Resumed from step {step0} in {workdir}", flush=True)
@@ -453,9 +499,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   consumed = IteratorSnapshot(data_iter.get_state())  # the data position of `state`
   step = start_step
   try:
+    if jax.process_count() > 1:
+      # Compile before the first collective and meet there: gloo (CPU) gives up on a peer that
+      # is more than 30 s late, and processes compile at different speeds.
+      first = next(batches)
+      train_step = train_step.lower(state, first[0]).compile()
+      _sync_processes("train-step-compiled")
+      batches = itertools.chain([first], batches)
     with _Preemption() as preemption:
       while step < total_steps and not stop:
-        if preemption.requested:
+        if preemption.should_stop(step):
           print(f"SIGTERM: saving step {step} and exiting", flush=True)
           ckpts.save(step, state, meta_dict(), consumed)
           break
@@ -542,7 +595,7 @@ def restore_for_inference(config, workdir, which=None):
     step, restored, _ = ckpts.restore(which, jax.device_get(state), config.model)
   finally:
     ckpts.close()
-  return model, jax.device_put(restored, replicated(mesh)), step, mesh
+  return model, put_replicated(restored, mesh), step, mesh
 
 
 def evaluate(config, workdir, split: str | None = None) -> dict:

@@ -39,9 +39,8 @@ STEP_SCRIPT = textwrap.dedent("""
     step = train.make_train_step(model, config, mesh).lower(state, batch).compile()
     if n > 1:
       # Processes compile at different speeds on a loaded machine; meet before the first
-      # collective so that gloo's 30 s connection timeout cannot expire.
-      from jax._src import distributed
-      distributed.global_state.client.wait_at_barrier("compiled", 600_000)
+      # collective so that gloo's 30 s connection timeout cannot expire (what train does).
+      train._sync_processes("compiled")
     losses = []
     for _ in range(2):
       state, metrics = step(state, batch)
@@ -90,11 +89,6 @@ def test_one_device_equals_eight_devices(tmp_path, one_device):
   np.testing.assert_allclose(eight["sums"], one["sums"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(
-    os.environ.get("CMMP_TEST_MULTIPROCESS") != "1",
-    reason="set CMMP_TEST_MULTIPROCESS=1: on a loaded 2-core machine gloo's 30 s connection "
-    "timeout can expire between the two processes' first collectives (seen here); the run "
-    "itself is what docs/README's multi-host section describes")
 def test_two_processes_train_a_step_together(tmp_path, one_device):
   one = one_device
   two = _run(tmp_path, 1, procs=2)
