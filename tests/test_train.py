@@ -170,3 +170,32 @@ def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch):
   monkeypatch.setattr(train, "make_train_step", make_step)
   train.train_and_evaluate(config, str(run))
   assert "6" in [p.name for p in (run / "checkpoints").iterdir()]
+
+
+def test_a_non_finite_step_leaves_the_whole_state_unchanged():
+  """The guard in make_train_step: a NaN input gives a NaN loss; params, Adam moments, BatchNorm
+  statistics and the step count stay what they were (and a finite batch does change them)."""
+  config = configs.load_config("configs/synthetic.py", {
+      "model.name": "image_only", "model.width": 0.125, "model.depths": (1, 1, 1, 1)})
+  mesh = train.make_mesh()
+  model, state = train.init_state(config, (1, 32, 32, 3), (1, 32, 32, 1), 10, mesh)
+  step = train.make_train_step(model, config, mesh)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32),
+           "aux": rng.uniform(-1, 1, (2, 32, 32, 1)).astype(np.float32),
+           "mask": (rng.uniform(size=(2, 32, 32, 1)) > 0.7).astype(np.float32)}
+  state, metrics = step(state, train.to_global_batch(batch, mesh))  # Adam moments become nonzero
+  assert bool(metrics["finite"])
+  before = jax.device_get(state)
+  batch["image"][1, 3, 4, 0] = np.nan
+  state, metrics = step(state, train.to_global_batch(batch, mesh))
+  assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))
+  after = jax.device_get(state)
+  assert int(after.step) == int(before.step) == 1
+  for a, b in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)):
+    np.testing.assert_array_equal(a, b)
+  batch["image"][1, 3, 4, 0] = 0.0
+  state, metrics = step(state, train.to_global_batch(batch, mesh))
+  assert bool(metrics["finite"]) and int(jax.device_get(state.step)) == 2
+  assert not np.array_equal(jax.device_get(state.params["finalconv"]["conv"]["kernel"]),
+                            before.params["finalconv"]["conv"]["kernel"])
