@@ -276,7 +276,7 @@ def make_state(spec: StepSpec, variables: Mapping[str, Any], mesh) -> tuple[Any,
   config = spec.config()
   model, state = train.create_state_from_variables(
       config, jax.tree.map(np.asarray, dict(variables)), total_steps=1)
-  return model, jax.device_put(state, train.replicated(mesh))
+  return model, train.put_replicated(jax.device_get(state), mesh)
 
 
 def make_train_fn(model, config, mesh, *, donate: bool = True):

@@ -234,8 +234,12 @@ def test_summary_counts_params_and_flops():
 def test_table5_formats_percentages():
   from cmmp_jax.experiments import table5
   row = {"best_step": 24, "val": {"g_iou": 0.5}, "test": {"a_iou": 0.6123, "g_iou": 0.625}}
-  table = table5.format_table([("cmmpnet", row)])
+  table = table5.format_table([("cmmpnet", [row])])
   assert "| CMMPNet" in table and "61.23" in table and "62.50" in table and "50.00" in table
+  other = {"best_step": 48, "val": {"g_iou": 0.7}, "test": {"a_iou": 0.6323, "g_iou": 0.645}}
+  table = table5.format_table([("early_fusion", [row, other])])
+  # mean and sample standard deviation over seeds: (62.5 + 64.5) / 2 = 63.50, std 1.41
+  assert "| early fusion" in table and "63.50 +- 1.41" in table and "24,48" in table
 
 
 def test_bfloat16_bias_gradient_is_accumulated_in_float32():
