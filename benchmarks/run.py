@@ -131,6 +131,10 @@ def maxbatch_section(spec, args, variables, on_cpu: bool) -> dict[str, Any]:
       # --batch itself does not fit: search below it.
       result = step_lib.measure_max_batch(spec.replace(remat=remat), cap=start - 1,
                                           budget_bytes=budget, variables=variables)
+    # What the backward keeps per image, as JAX builds the program: comparable on any backend
+    # (XLA:CPU's compiled temporaries do not show remat's saving, see NOTES.md C3).
+    result["activation_bytes_per_image"] = step_lib.residual_bytes(
+        spec.replace(remat=remat), batch_size=1)["activation_bytes"]
     out["remat" if remat else "no_remat"] = result
   return out
 
@@ -318,7 +322,8 @@ def format_report(report: dict[str, Any]) -> str:
     for key, label in (("no_remat", "remat off"), ("remat", "remat on")):
       r = report["maxbatch"][key]
       parts.append(f"{label}: {r['max_batch']}{' (cap)' if r['capped'] else ''}, "
-                   f"{_mib(r['bytes_per_image_at_max'])}/image")
+                   f"{_mib(r['bytes_per_image_at_max'])}/image compiled, "
+                   f"{_mib(r['activation_bytes_per_image'])}/image kept for backward")
     lines.append(f"maxbatch at {spec['size']} px: " + "; ".join(parts))
   if "pipeline" in report:
     p = report["pipeline"]

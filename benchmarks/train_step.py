@@ -320,6 +320,34 @@ def compiled_memory(compiled) -> dict[str, int | None]:
   return out
 
 
+def residual_bytes(spec: StepSpec, batch_size: int | None = None) -> dict[str, int]:
+  """What the backward pass keeps from the forward, per the program JAX builds (before XLA):
+  the residuals of `jax.vjp` of the training loss, by abstract evaluation (no compute, any
+  backend). 'residual_bytes' counts them all (parameters included, since the backward needs
+  them too); 'activation_bytes' leaves out the parameters and the input batch. This is what
+  remat changes; how much of it a compiled program holds at its peak depends on the backend's
+  scheduler (XLA:CPU re-orders recomputation so that its temporaries do not shrink, see
+  NOTES.md C3)."""
+  batch_size = batch_size or spec.batch
+  config = spec.config()
+  variables = train.abstract_variables(config, spec.size)
+  model = train.build_model(train.model_config_dict(config))
+  loss_fn = train.make_loss_fn(model, config)
+  batch = {k: jax.ShapeDtypeStruct((batch_size, spec.size, spec.size, c), jnp.float32)
+           for k, c in (("image", 3), ("aux", spec.aux_channels), ("mask", 1))}
+
+  def backward_closure(params, batch_stats, batch):
+    return jax.vjp(lambda p: loss_fn(p, batch_stats, batch), params, has_aux=True)[1]
+
+  residuals = jax.eval_shape(backward_closure, variables["params"],
+                             variables.get("batch_stats", {}), batch)
+  nbytes = lambda tree: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                            for x in jax.tree_util.tree_leaves(tree))
+  total = nbytes(residuals)
+  return {"residual_bytes": total,
+          "activation_bytes": max(total - nbytes(variables["params"]) - nbytes(batch), 0)}
+
+
 def device_memory_peak(devices: Sequence[jax.Device]) -> int | None:
   """Largest 'peak_bytes_in_use' over devices since the process started, or None when the
   runtime keeps no statistics (the CPU backend)."""
@@ -456,6 +484,7 @@ def measure_train(spec: StepSpec, *, steps: int = 20, warmup: int = 2, mesh=None
   report.update(
       spec=spec.to_dict(), devices=mesh.size, donate=donate, compile_s=compile_s,
       memory=compiled_memory(compiled), device_peak_bytes=device_memory_peak(mesh.devices.flat),
+      **residual_bytes(spec),
       first_loss=float(fetched[0]["loss"]), last_loss=float(fetched[-1]["loss"]),
       nonfinite_steps=int(sum(not bool(m["finite"]) for m in fetched)))
   return report

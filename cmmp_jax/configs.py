@@ -68,7 +68,7 @@ PRESETS: dict[str, tuple[str, Callable]] = {
     **{f"fold{k}": (f"Porto fold {k}", _set(**{"data.config": f"fold_{k}"})) for k in range(1, 6)},
     # Speed.
     "bf16": ("bfloat16 compute, float32 parameters", _set(**{"model.dtype": "bfloat16"})),
-    "remat": ("rematerialised blocks", _set(**{"model.remat": True})),
+    "remat": ("rematerialised stem, blocks and fusion modules", _set(**{"model.remat": True})),
 }
 
 

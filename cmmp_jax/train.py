@@ -189,19 +189,29 @@ def prefetch_to_mesh(data_iter, mesh, size: int = 2):
 
 # ----------------------------------------------------------------------------- steps
 
+def make_loss_fn(model, config):
+  """(params, batch_stats, batch) -> (loss, {'batch_stats': updated}): the training forward
+  (BatchNorm in train mode) and config.loss, differentiated by the train step."""
+  dice = bool(config.loss.dice)
+
+  def loss_fn(params, batch_stats, batch):
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
+                                  batch["image"], batch["aux"], train=True,
+                                  mutable=["batch_stats"])
+    return losses.bce_dice_loss(logits, batch["mask"], dice=dice), updates
+
+  return loss_fn
+
+
 def make_train_step(model, config, mesh):
   """The jitted train step: (state, batch) -> (state, metrics). The state is donated. A
   non-finite loss or gradient leaves the state unchanged (metrics report it) so that the run can
   stop with its last good state intact."""
-  dice = bool(config.loss.dice)
+  loss_fn = make_loss_fn(model, config)
 
   def step(state: TrainState, batch):
-    def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                    batch["image"], batch["aux"], train=True,
-                                    mutable=["batch_stats"])
-      return losses.bce_dice_loss(logits, batch["mask"], dice=dice), updates
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, batch)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # lax.cond rather than jnp.where(finite, new, old) over the whole state: with the state

@@ -26,7 +26,7 @@ def get_config(preset: str = ""):
       decoder="linknet",        # linknet | sun1d (Sun et al.'s 1D transposed convs)
       upsample_method="dilated",  # dilated | subpixel (same results; speed differs)
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
-      remat=False,              # rematerialise encoder/decoder blocks (memory for FLOPs)
+      remat=False,              # rematerialise stem, blocks and DEMs (memory for FLOPs)
   ))
   # Optional initialisation: torchvision ResNet-34 ImageNet weights (a local .pth or .npz) into
   # both encoders, as the release does. Empty = random init.

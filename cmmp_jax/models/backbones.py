@@ -247,7 +247,9 @@ class Autoencoder(nn.Module):
       raise ValueError(f"model.depths needs 4 block counts, got {tuple(self.depths)}")
     c = stage_widths(self.width)
     self.widths = c
-    self.stem = Stem(c[0], use_bias=self.stem_bias, dtype=self.dtype)
+    # The stem's full- and half-resolution tensors are among the largest the backward keeps.
+    stem = nn.remat(Stem, static_argnums=(2,)) if self.remat else Stem
+    self.stem = stem(c[0], use_bias=self.stem_bias, dtype=self.dtype, name="stem")
     self.encoders = [
         ResLayer(c[i], self.depths[i], strides=1 if i == 0 else 2, remat=self.remat,
                  dtype=self.dtype, name=f"encoder{i + 1}") for i in range(4)]

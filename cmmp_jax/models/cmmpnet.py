@@ -58,7 +58,8 @@ class DualBranchNet(nn.Module):
     decoder: 'linknet' or 'sun1d' (Sun et al.'s 1D transposed convolutions).
     upsample_method: 'dilated' or 'subpixel' transposed-conv formulation (same results).
     dtype: compute dtype; parameters stay float32.
-    remat: rematerialise encoder/decoder blocks in the backward pass (less memory, more FLOPs).
+    remat: rematerialise the stem, encoder/decoder blocks and fusion modules in the backward
+      pass (less memory, more FLOPs).
   """
   backbone: str = "dlinknet34"
   width: float = 1.0
@@ -80,12 +81,15 @@ class DualBranchNet(nn.Module):
                        self.upsample_method, self.remat, self.dtype, name=name)
 
   def _fuse(self, name: str, f_image, f_aux, train: bool):
+    # remat: a DEM keeps ~6 feature-sized tensors per branch for its backward (message
+    # sources, gates, pooled maps); rematerialised it keeps only its two inputs.
+    remat = (lambda cls: nn.remat(cls, static_argnums=(3,))) if self.remat else (lambda cls: cls)
     if self.fusion == "dem":
-      return DualEnhancement(self.use_local, self.use_global, self.use_gate,
-                             tuple(self.spp_levels), self.local_kernel_size, self.dtype,
-                             name=name)(f_image, f_aux, train)
+      return remat(DualEnhancement)(self.use_local, self.use_global, self.use_gate,
+                                    tuple(self.spp_levels), self.local_kernel_size, self.dtype,
+                                    name=name)(f_image, f_aux, train)
     if self.fusion == "gated":
-      return GatedFusion(self.dtype, name=name)(f_image, f_aux, train)
+      return remat(GatedFusion)(self.dtype, name=name)(f_image, f_aux, train)
     if self.fusion == "none":
       return f_image, f_aux
     raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
