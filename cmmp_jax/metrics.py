@@ -18,7 +18,7 @@ Protocol of the reference release (REFERENCE.md, "Metrics"):
   * precision, recall, f1 are micro-averaged: computed from tp, fp, fn summed over all tiles.
 
 All metric values are fractions in [0, 1] (the paper prints percentages). An undefined value
-(e.g. precision when nothing was predicted as road) is NaN.
+(e.g. precision when nothing was predicted as road) is NaN (null in the JSON files).
 
 Also defines `TrainMetrics`, a clu.metrics Collection averaging the training loss.
 """

@@ -579,8 +579,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if history:
     best = max(history, key=lambda r: r["val"]["g_iou"])
     summary = {"best_step": best["step"], "val": best["val"], "test": best.get("test")}
-    (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    (workdir / "train_summary.json").write_text(to_json(summary))
   return summary
+
+
+def to_json(obj) -> str:
+  """Standard JSON (undefined metrics, NaN in Python, become null; json.dumps would write NaN,
+  which strict parsers such as jq reject)."""
+  def clean(x):
+    if isinstance(x, float) and not math.isfinite(x):
+      return None
+    if isinstance(x, dict):
+      return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [clean(v) for v in x]
+    return x
+  return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def _flatten(d, prefix=""):
@@ -620,7 +634,7 @@ def evaluate(config, workdir, split: str | None = None) -> dict:
   path = pathlib.Path(workdir) / f"eval_{split}_{step}.json"
   if jax.process_index() == 0:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
+    tmp.write_text(to_json(result))
     tmp.replace(path)
   print(f"{split} @ step {step}: G_IoU {result['g_iou']:.4f}  A_IoU {result['a_iou']:.4f}  "
         f"tile-mean IoU {result['mean_tile_iou']:.4f}  P {result['precision']:.4f}  "

@@ -199,3 +199,9 @@ def test_a_non_finite_step_leaves_the_whole_state_unchanged():
   assert bool(metrics["finite"]) and int(jax.device_get(state.step)) == 2
   assert not np.array_equal(jax.device_get(state.params["finalconv"]["conv"]["kernel"]),
                             before.params["finalconv"]["conv"]["kernel"])
+
+
+def test_metric_json_is_standard_json_with_null_for_undefined():
+  text = train.to_json({"precision": float("nan"), "g_iou": 0.5, "h": [{"x": float("inf")}]})
+  assert "NaN" not in text and "Infinity" not in text
+  assert json.loads(text) == {"precision": None, "g_iou": 0.5, "h": [{"x": None}]}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import pathlib
 
 MODELS = ("image_only", "aux_only", "early_fusion", "late_fusion", "cmmpnet")
@@ -86,7 +85,7 @@ def main(argv=None):
       if not summary.get("test"):
         raise RuntimeError(f"{name}: no test metrics (set eval_on_test=True)")
       results[name].append({"seed": seed, **summary})
-      (workdir / "table5.json").write_text(json.dumps(results, indent=2))
+      (workdir / "table5.json").write_text(train.to_json(results))
   rows = [(name, runs) for name, runs in results.items() if runs]
   table = format_table(rows)
   print(table)
