@@ -386,14 +386,17 @@ class _Preemption:
 
   With several processes the notice reaches them at different steps, and every process must
   save the same step: jax's preemption sync point (the coordination service agrees on the step
-  after the latest one any process has reached) decides instead of the local flag."""
+  after the latest one any process has reached) decides, and its own SIGTERM handler must stay
+  installed, so this class installs none then."""
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._synced = False
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    self._synced = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+    if not self._synced and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -406,12 +409,9 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
+    if self._synced:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:  # the preemption service is off: fall back to the local signal
-        pass
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
 
