@@ -15,11 +15,25 @@ import json
 import pathlib
 from typing import Any, Mapping
 
+import jax
 import orbax.checkpoint as ocp
 
 from cmmp_jax.data import pipeline
 
 STATE, DATA_ITER, META = "state", "data_iter", "meta"
+
+
+def use_coordination_service_barriers() -> None:
+  """Makes orbax meet processes at barriers of jax's coordination service (with timeouts of
+  minutes) instead of its default, a device all-reduce: on CPU that is a gloo collective, and
+  gloo gives up when a peer is more than 30 s late (a process that builds the dataset, or
+  compiles slower, easily is). The switch is an absl flag of orbax; outside an absl app the
+  flags are unparsed and orbax would read it as False, so they are marked parsed first."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint._src.multihost import multihost  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name].value = True
 
 
 class CheckpointMismatchError(ValueError):
@@ -56,11 +70,18 @@ class Checkpoints:
 
   def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, asynchronous: bool = True):
     self.workdir = pathlib.Path(workdir).absolute()
-    options = lambda k: ocp.CheckpointManagerOptions(
-        max_to_keep=k, create=True, enable_async_checkpointing=asynchronous)
-    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options(keep),
+    if jax.process_count() > 1:
+      use_coordination_service_barriers()
+    # With several processes the two managers' barriers (named after the step) would collide
+    # when both save the same step: each gets its own prefix.
+    options = lambda k, prefix: ocp.CheckpointManagerOptions(
+        max_to_keep=k, create=True, enable_async_checkpointing=asynchronous,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=prefix))
+    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints",
+                                        options=options(keep, "latest"),
                                         item_names=(STATE, DATA_ITER, META))
-    self.best = ocp.CheckpointManager(self.workdir / "best", options=options(1),
+    self.best = ocp.CheckpointManager(self.workdir / "best", options=options(1, "best"),
                                       item_names=(STATE, META))
 
   def save(self, step: int, state, meta: Mapping[str, Any], data_iter=None, *,

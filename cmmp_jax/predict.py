@@ -766,6 +766,7 @@ def predict_directory(forward: Forward, input_dir, output_dir, *, window: int, o
                       blank_aux: bool = False, threshold: float = 0.5, tta: bool = False,
                       limit: int | None = None, bit_depth: int | None = None,
                       pad_mode: str = 'reflect', on_error: str = 'raise',
+                      shard_index: int = 0, shard_count: int = 1,
                       log: Callable[[str], Any] = print) -> dict[str, Any]:
   """Predicts every image of a folder (or one image file) and writes the road maps.
 
@@ -786,6 +787,8 @@ def predict_directory(forward: Forward, input_dir, output_dir, *, window: int, o
     on_error: 'raise' stops at the first input that cannot be read (outputs already written
       stay); 'skip' logs it, records it under 'failed' and goes on. Errors of the forward or
       of writing always stop.
+    shard_index, shard_count: predict only inputs shard_index, shard_index + shard_count, ...
+      of the sorted list (one share per process when several hosts predict one folder).
     log: called with one progress line per input (size, aux source, road share, seconds).
 
   Returns:
@@ -803,6 +806,9 @@ def predict_directory(forward: Forward, input_dir, output_dir, *, window: int, o
   if limit is not None:
     images = images[:int(limit)]
   _check_unique_stems(images)
+  if not 0 <= shard_index < shard_count:
+    raise PredictInputError(f'shard_index {shard_index} is not in [0, {shard_count})')
+  images = images[shard_index::shard_count]
   output_dir = pathlib.Path(output_dir)
   if output_dir.exists() and not output_dir.is_dir():
     raise PredictInputError(f'{output_dir}: output path exists and is not a folder')
@@ -860,24 +866,34 @@ def predict_from_checkpoint(config, workdir) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from cmmp_jax import train  # pylint: disable=import-outside-toplevel
   model, state, step, _ = train.restore_for_inference(config, workdir)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  forward = jax.jit(lambda image, aux: jax.nn.sigmoid(
-      model.apply(variables, image, aux, train=False)))
+  # Prediction is embarrassingly parallel: each process predicts its own share of the inputs on
+  # its own devices (windows sharded over them, weights replicated), with no cross-process
+  # computation, so processes never wait for each other.
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('data',))
+  variables = train.put_replicated(
+      jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), mesh)
+  windows = train.batch_sharding(mesh)
+  apply = jax.jit(lambda v, image, aux: jax.nn.sigmoid(model.apply(v, image, aux, train=False)),
+                  in_shardings=(train.replicated(mesh), windows, windows), out_shardings=windows)
+  forward = lambda image, aux: apply(variables, image, aux)
   pcfg = config.predict
   window = pcfg.window or config.data.input_size or 512
   output_dir = pathlib.Path(pcfg.output_dir or pathlib.Path(workdir) / 'predictions')
   output_dir.mkdir(parents=True, exist_ok=True)
-  batch_size = max(1, config.eval_batch_size // max(1, jax.device_count()) * jax.device_count())
+  local = mesh.size
+  batch_size = max(local, config.eval_batch_size // jax.process_count() // local * local)
+  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   if pcfg.input_dir:
     summary = predict_directory(
         forward, pcfg.input_dir, output_dir, window=window, overlap=pcfg.overlap,
         batch_size=batch_size, scaling=config.data.scaling,
         aux_channels=config.model.aux_channels, gps_csv=pcfg.gps_csv or None,
-        blank_aux=pcfg.blank_aux, threshold=pcfg.threshold, tta=config.eval.tta)
+        blank_aux=pcfg.blank_aux, threshold=pcfg.threshold, tta=config.eval.tta, **shard)
   else:
     source = train.dataset_source(config, config.data.test_split)
     written = []
-    for i in range(min(pcfg.num_examples, len(source))):
+    for i in range(shard['shard_index'], min(pcfg.num_examples, len(source)),
+                   shard['shard_count']):
       example = source[i]
       tile_id = example['tile_id']
       tile_id = tile_id.decode() if isinstance(tile_id, bytes) else str(tile_id)
@@ -896,6 +912,7 @@ def predict_from_checkpoint(config, workdir) -> dict:
       written += write_prediction(output_dir, tile_id, probs, threshold=pcfg.threshold)
       write_png_atomic(output_dir / f'{tile_id}_label.png', (label[..., 0] * 255).astype(np.uint8))
     summary = {'written': [str(p) for p in written]}
+  who = f" by process {jax.process_index()}" if jax.process_count() > 1 else ""
   print(f"predictions of step {step} written to {output_dir} "
-        f"({len(summary['written'])} files)", flush=True)
+        f"({len(summary['written'])} files{who})", flush=True)
   return summary

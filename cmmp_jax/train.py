@@ -287,6 +287,7 @@ def _sync_processes(name: str, timeout_s: int = 3600):
   slower), which a collective's own connection timeout (30 s with gloo on CPU) does not allow."""
   if jax.process_count() > 1:
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    ckpt_lib.use_coordination_service_barriers()
     _BARRIERS[name] += 1  # barrier names must be unique
     ocp.multihost.sync_global_processes(f"cmmp_{name}_{_BARRIERS[name]}", timeout=timeout_s)
 
@@ -579,7 +580,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if history:
     best = max(history, key=lambda r: r["val"]["g_iou"])
     summary = {"best_step": best["step"], "val": best["val"], "test": best.get("test")}
-    (workdir / "train_summary.json").write_text(to_json(summary))
+    if jax.process_index() == 0:
+      (workdir / "train_summary.json").write_text(to_json(summary))
   return summary
 
 

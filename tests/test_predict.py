@@ -160,6 +160,18 @@ def test_outputs_written_beside_the_inputs_are_not_inputs_on_a_rerun(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['a.png', 'a_prob.png', 'a_road.png']
 
 
+def test_processes_predict_disjoint_shares_of_a_folder(tmp_path):
+  for name in 'abcde':
+    write_png(tmp_path / f'{name}.png', np.full((8, 8, 3), 200, np.uint8))
+  shares = [[pathlib.Path(t['image']).name for t in predict.predict_directory(
+      red_forward, tmp_path, tmp_path / 'out', blank_aux=True, shard_index=i, shard_count=2,
+      log=lambda line: None, **SETTINGS)['tiles']] for i in range(2)]
+  assert shares == [['a.png', 'c.png', 'e.png'], ['b.png', 'd.png']]
+  with pytest.raises(predict.PredictInputError, match='shard_index 2 is not in'):
+    predict.predict_directory(red_forward, tmp_path, tmp_path / 'out', blank_aux=True,
+                              shard_index=2, shard_count=2, **SETTINGS)
+
+
 def test_sat_gps_pairing_feeds_the_aux_file(tmp_path):
   rng = np.random.default_rng(3)
   inputs, outputs = tmp_path / 'image', tmp_path / 'out'

@@ -95,3 +95,58 @@ def test_two_processes_train_a_step_together(tmp_path, one_device):
   assert two["devices"] == 2
   np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
   np.testing.assert_allclose(two["sums"], one["sums"], rtol=1e-4, atol=1e-4)
+
+
+def _main_py_two_processes(workdir, data_dir, steps, log_name, terminate_process_1_at=None):
+  """Runs main.py as two jax.distributed processes; returns their exit codes and logs."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "XLA_FLAGS": ""}
+  logs = [workdir.parent / f"{log_name}.{i}.log" for i in range(2)]
+  running = []
+  for i in range(2):
+    running.append(subprocess.Popen([
+        sys.executable, "main.py", "--config=configs/synthetic.py", f"--workdir={workdir}",
+        "--config.data.config=tiny", f"--config.data.data_dir={data_dir}",
+        f"--config.num_train_steps={steps}", "--config.eval_every_steps=3",
+        "--config.checkpoint_every_steps=3", "--config.log_every_steps=3",
+        "--config.batch_size=2", "--config.eval_batch_size=2", "--config.model.width=0.125",
+        "--config.model.depths=(1,1,1,1)", f"--coordinator_address=localhost:{port}",
+        "--num_processes=2", f"--process_id={i}"], cwd=REPO, env=env,
+        stdout=open(logs[i], "w"), stderr=subprocess.STDOUT))
+  if terminate_process_1_at is not None:
+    import time  # pylint: disable=import-outside-toplevel
+    deadline = time.time() + 600
+    while f"step {terminate_process_1_at}/" not in logs[1].read_text():
+      assert time.time() < deadline and running[1].poll() is None, logs[1].read_text()[-3000:]
+      time.sleep(0.5)
+    running[1].terminate()  # SIGTERM: a preemption notice to one host only
+  codes = [p.wait(timeout=900) for p in running]
+  return codes, [log.read_text() for log in logs]
+
+
+@pytest.mark.skipif(os.environ.get("CMMP_TEST_SLOW") != "1",
+                    reason="about 6 minutes of 2-core CPU; set CMMP_TEST_SLOW=1 (README, Tests)")
+def test_main_py_on_two_processes_trains_resumes_and_survives_a_preemption(tmp_path):
+  """The whole loop on two jax.distributed processes: dataset built by process 0 while process 1
+  waits, checkpoints (latest and best at the same step), evaluation gathers, per-process
+  prediction shares; then a resume, and a SIGTERM to process 1 alone makes both save the same
+  step and exit cleanly."""
+  workdir, data_dir = tmp_path / "run", tmp_path / "data"
+  codes, logs = _main_py_two_processes(workdir, data_dir, 6, "first")
+  assert codes == [0, 0], [log[-3000:] for log in logs]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+      "3", "6"]
+  assert {p.name for p in (workdir / "checkpoints" / "6" / "data_iter").iterdir()} >= {
+      "process_0-of-2.json", "process_1-of-2.json"}
+  assert "2 files by process 0" in logs[0] and "2 files by process 1" in logs[1]
+  assert len(list((workdir / "predictions").glob("*_prob.png"))) == 2
+  codes, logs = _main_py_two_processes(workdir, data_dir, 400, "second",
+                                       terminate_process_1_at=12)
+  assert codes == [0, 0], [log[-3000:] for log in logs]
+  saved = [line for log in logs for line in log.splitlines() if line.startswith("SIGTERM")]
+  assert len(saved) == 2 and saved[0] == saved[1], saved  # the same step on both processes
+  assert all("Resumed from step 6" in log for log in logs)
+  step = int(saved[0].split()[3])
+  assert step >= 12 and (workdir / "checkpoints" / str(step)).is_dir()
