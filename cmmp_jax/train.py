@@ -521,7 +521,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       while step < total_steps and not stop:
         if preemption.should_stop(step):
           print(f"SIGTERM: saving step {step} and exiting", flush=True)
-          ckpts.save(step, state, meta_dict(), consumed)
+          if ckpts.latest.latest_step() != step:  # unless this step was just saved
+            ckpts.save(step, state, meta_dict(), consumed)
           break
         batch, consumed = next(batches)
         state, step_metrics = train_step(state, batch)

@@ -145,8 +145,11 @@ def test_plateau_schedule_follows_the_release():
   assert trace[8] == (0.001, False) and trace[11] == (0.0001, True)
 
 
-def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch):
-  """Preemption: SIGTERM during step 2 -> the run saves step 2 and returns; a rerun resumes."""
+@pytest.mark.parametrize("at_step", [2, 3])
+def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch, at_step):
+  """Preemption: SIGTERM during step 2 -> the run saves step 2 and returns; a rerun resumes.
+  During step 3, whose regular checkpoint is written just before the signal is seen, that
+  checkpoint is the preemption save (no second save of the same step)."""
   import os
   import signal
   config, _, _ = trained
@@ -158,7 +161,7 @@ def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch):
 
     def run(state, batch):
       calls.append(1)
-      if len(calls) == 2:
+      if len(calls) == at_step:
         os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop's handler, not fatal
       return step(state, batch)
     return run
@@ -166,7 +169,8 @@ def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch):
   monkeypatch.setattr(train, "make_train_step", make_step_that_gets_preempted)
   run = tmp_path / "preempted"
   train.train_and_evaluate(config, str(run))
-  assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+  assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
+      str(at_step)]
   monkeypatch.setattr(train, "make_train_step", make_step)
   train.train_and_evaluate(config, str(run))
   assert "6" in [p.name for p in (run / "checkpoints").iterdir()]
