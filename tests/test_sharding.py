@@ -127,7 +127,7 @@ def _main_py_two_processes(workdir, data_dir, steps, log_name, terminate_process
 
 
 @pytest.mark.skipif(os.environ.get("CMMP_TEST_SLOW") != "1",
-                    reason="about 6 minutes of 2-core CPU; set CMMP_TEST_SLOW=1 (README, Tests)")
+                    reason="3-7 minutes of 2-core CPU; set CMMP_TEST_SLOW=1 (README, Tests)")
 def test_main_py_on_two_processes_trains_resumes_and_survives_a_preemption(tmp_path):
   """The whole loop on two jax.distributed processes: dataset built by process 0 while process 1
   waits, checkpoints (latest and best at the same step), evaluation gathers, per-process
