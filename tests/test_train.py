@@ -171,9 +171,10 @@ def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch, at_step):
   train.train_and_evaluate(config, str(run))
   assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
       str(at_step)]
-  monkeypatch.setattr(train, "make_train_step", make_step)
-  train.train_and_evaluate(config, str(run))
-  assert "6" in [p.name for p in (run / "checkpoints").iterdir()]
+  if at_step == 2:  # resuming from either save is the same code path: test it once
+    monkeypatch.setattr(train, "make_train_step", make_step)
+    train.train_and_evaluate(config, str(run))
+    assert "6" in [p.name for p in (run / "checkpoints").iterdir()]
 
 
 def test_a_non_finite_step_leaves_the_whole_state_unchanged():
