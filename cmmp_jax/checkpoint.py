@@ -31,8 +31,7 @@ def use_coordination_service_barriers() -> None:
   flags are unparsed and orbax would read it as False, so they are marked parsed first."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from orbax.checkpoint._src.multihost import multihost  # pylint: disable=import-outside-toplevel
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+  pipeline.ensure_absl_flags_parsed()
   flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name].value = True
 
 

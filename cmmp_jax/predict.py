@@ -865,13 +865,12 @@ def predict_from_checkpoint(config, workdir) -> dict:
   """
   import jax  # pylint: disable=import-outside-toplevel
   from cmmp_jax import train  # pylint: disable=import-outside-toplevel
-  model, state, step, _ = train.restore_for_inference(config, workdir)
   # Prediction is embarrassingly parallel: each process predicts its own share of the inputs on
   # its own devices (windows sharded over them, weights replicated), with no cross-process
   # computation, so processes never wait for each other.
   mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('data',))
-  variables = train.put_replicated(
-      jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), mesh)
+  model, state, step, _ = train.restore_for_inference(config, workdir, mesh=mesh)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
   windows = train.batch_sharding(mesh)
   apply = jax.jit(lambda v, image, aux: jax.nn.sigmoid(model.apply(v, image, aux, train=False)),
                   in_shardings=(train.replicated(mesh), windows, windows), out_shardings=windows)

@@ -610,10 +610,11 @@ def _flatten(d, prefix=""):
   return out
 
 
-def restore_for_inference(config, workdir, which=None):
-  """(model, state, step) from workdir's `which` checkpoint (default config.eval.checkpoint)."""
+def restore_for_inference(config, workdir, which=None, mesh=None):
+  """(model, state, step, mesh) from workdir's `which` checkpoint (default
+  config.eval.checkpoint), the state replicated over `mesh` (default: all devices)."""
   which = which if which is not None else config.eval.checkpoint
-  mesh = make_mesh()
+  mesh = mesh if mesh is not None else make_mesh()
   abstract = abstract_variables(config)
   model, state = create_state_from_variables(config, jax.tree.map(
       lambda s: np.zeros(s.shape, s.dtype), abstract))

@@ -227,8 +227,9 @@ def _sampler_seed(seed: int) -> int:
   return int(np.random.SeedSequence(int(seed)).generate_state(1, np.uint32)[0])
 
 
-def _ensure_absl_flags_parsed() -> None:
-  """Lets grain's multiprocessing run outside absl.app (scripts, notebooks, pytest).
+def ensure_absl_flags_parsed() -> None:
+  """Lets absl-flag readers run outside absl.app (scripts, notebooks, pytest): grain's
+  multiprocessing here, orbax's barrier switch in checkpoint.py.
 
   grain 0.2.18 reads an absl flag while starting worker processes and fails with
   UnparsedFlagAccessError when flags were never parsed (google/grain#1355, fixed upstream
@@ -317,7 +318,7 @@ def make_train_loader(
     read_options = grain.ReadOptions(
         num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES * local_batch_size)
   if num_workers > 0:
-    _ensure_absl_flags_parsed()
+    ensure_absl_flags_parsed()
   return grain.DataLoader(
       data_source=named_source, sampler=sampler, operations=operations,
       worker_count=num_workers, worker_buffer_size=worker_buffer_size,

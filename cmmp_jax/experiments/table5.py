@@ -73,9 +73,9 @@ def main(argv=None):
   seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
   models = [m.strip() for m in args.models.split(",") if m.strip()]
   results = {name: [] for name in models}
+  base, _, presets = args.config.partition(":")
   for seed in seeds:
     for name in models:
-      base, _, presets = args.config.partition(":")
       spec = f"{base}:{','.join(p for p in (presets, name) if p)}"
       config = configs.load_config(spec, {**_parse_overrides(args.set), "seed": seed})
       print(f"=== {name}, seed {seed}: {spec}", flush=True)
