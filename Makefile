@@ -16,8 +16,12 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
+DEMO := $(PY) main.py --config=configs/synthetic.py --workdir=runs/demo
+
 demo: $(VENV)/.installed
-	$(PY) main.py --config=configs/synthetic.py --workdir=runs/demo
+	$(DEMO)
+	$(DEMO) --mode=eval
+	$(DEMO) --mode=predict
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests

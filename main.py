@@ -5,16 +5,23 @@
   python main.py --config=configs/bjroad.py --workdir=/ckpt --mode=predict \\
       --config.predict.input_dir=tiles/ --config.predict.output_dir=out/     # road maps
 
-Presets: --config=configs/bjroad.py:image_only (see cmmp_jax/configs.py). Overrides:
---config.model.dtype=bfloat16. Multi-host: pass --jax_distributed (or set
-JAX_COORDINATOR_ADDRESS, or give --coordinator_address/--num_processes/--process_id) to call
-jax.distributed.initialize().
+Presets: --config=configs/bjroad.py:image_only (see configs/presets.py). Overrides:
+--config.model.dtype=bfloat16. The console shows progress and results; WORKDIR/log.txt has
+everything (--verbosity=0 shows library INFO logs on the console too). Multi-host: pass
+--jax_distributed (or set JAX_COORDINATOR_ADDRESS, or give --coordinator_address/--num_processes/
+--process_id) to call jax.distributed.initialize().
 """
 import os
 
+# TensorFlow (clu's summary writers, TFDS) prints C++ INFO banners when it loads.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
+
+from cmmp_jax import config_checks, evaluate, predict, reporting, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (with :presets).", lock_config=True)
@@ -33,24 +40,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
-  if config.xla_flags:  # before JAX starts its backends
+  config_checks.validate(config)
+  # Without an explicit --verbosity only warnings of the libraries reach the console.
+  reporting.quiet_console(FLAGS.verbosity if FLAGS["verbosity"].present else -1)
+  if config.xla_flags:  # read when JAX starts its backends, which nothing has done yet
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + config.xla_flags).strip()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import jax  # pylint: disable=import-outside-toplevel
   explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.jax_distributed or os.environ.get("JAX_COORDINATOR_ADDRESS") or any(
       x is not None for x in explicit):
     jax.distributed.initialize(*explicit)
-  from cmmp_jax import configs, predict, train  # pylint: disable=import-outside-toplevel
-  configs.validate(config)
+  reporting.log_to_workdir(FLAGS.workdir)
   if FLAGS.mode == "train":
-    summary = train.train_and_evaluate(config, FLAGS.workdir)
-    if config.data.name == "synthetic" and summary:
-      # The embedded demo goes on to score the best checkpoint and predict a few tiles.
-      train.evaluate(config, FLAGS.workdir, split=config.data.test_split)
-      predict.predict_from_checkpoint(config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "eval":
-    train.evaluate(config, FLAGS.workdir)
+    evaluate.evaluate(config, FLAGS.workdir)
   else:
     predict.predict_from_checkpoint(config, FLAGS.workdir)
 

@@ -1,8 +1,8 @@
 """Training input pipeline throughput: decoded + augmented examples per second.
 
-  python -m benchmarks.pipeline [--size 512] [--workers 0,2] [--num_examples 64]
-      [--batch_size 4] [--input_size 256] [--json PATH]
-      [--data_dir DIR --dataset NAME --split train]
+  python -m benchmarks.pipeline [--size=512] [--workers=0,2] [--num_examples=64]
+      [--batch_size=4] [--input_size=256] [--json=PATH]
+      [--data_dir=DIR --dataset=NAME --split=train]
 
 Without --data_dir it builds a synthetic array_record TFDS dataset of `num_examples` PNG tiles
 of size x size in a temporary folder (image, one-channel heat-map aux, mask), so the numbers
@@ -12,13 +12,14 @@ uses N grain worker processes. The first batch of every worker (start-up) is not
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import tempfile
 import time
 from typing import Any, Sequence
 
+from absl import app
+from absl import flags
 import cv2
 import numpy as np
 from PIL import Image
@@ -138,23 +139,32 @@ def run(size: int, workers: Sequence[int], num_examples: int, *, batch_size: int
           'num_examples': num_examples, 'results': results}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-  parser.add_argument('--size', type=int, default=512, help='synthetic tile side')
-  parser.add_argument('--workers', default='0,2', help='comma-separated worker counts')
-  parser.add_argument('--num_examples', type=int, default=64)
-  parser.add_argument('--batch_size', type=int, default=4)
-  parser.add_argument('--input_size', type=int, default=None)
-  parser.add_argument('--json', default=None, help='also write the results to this file')
-  parser.add_argument('--data_dir', default=None, help='read an existing TFDS dataset instead')
-  parser.add_argument('--dataset', default=None, help='TFDS name under --data_dir')
-  parser.add_argument('--split', default='train')
-  args = parser.parse_args(argv)
-  workers = [int(w) for w in args.workers.split(',') if w.strip()]
+def define_flags() -> None:
+  """The command line's flags (defined only when this module runs as the program)."""
+  flags.DEFINE_integer('size', 512, 'Synthetic tile side.', lower_bound=1)
+  flags.DEFINE_list('workers', ['0', '2'], 'Grain worker counts.')
+  flags.DEFINE_integer('num_examples', 64, 'Examples timed.', lower_bound=1)
+  flags.DEFINE_integer('batch_size', 4, 'Batch size.', lower_bound=1)
+  flags.DEFINE_integer('input_size', None, 'Resize to this side (default: keep).',
+                       lower_bound=1)
+  flags.DEFINE_string('json', None, 'Also write the results to this file.')
+  flags.DEFINE_string('data_dir', None, 'Read an existing TFDS dataset instead.')
+  flags.DEFINE_string('dataset', None, 'TFDS name under --data_dir.')
+  flags.DEFINE_string('split', 'train', 'Split of --dataset.')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
+  try:
+    workers = [int(w) for w in args.workers if w.strip()]
+  except ValueError as error:
+    raise app.UsageError(f'--workers must be integers, got {args.workers}') from error
   source = None
   if args.data_dir is not None:
     if args.dataset is None:
-      parser.error('--data_dir needs --dataset')
+      raise app.UsageError('--data_dir needs --dataset')
     source = tfds.data_source(args.dataset, data_dir=args.data_dir, split=args.split)
   report = run(args.size, workers, args.num_examples, batch_size=args.batch_size,
                input_size=args.input_size, source=source)
@@ -166,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(report, f, indent=2)
-  return report
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

@@ -1,6 +1,6 @@
 """Benchmark of bulk trajectory rendering (cmmp_jax.data.heatmap.iter_render_tiles).
 
-    python -m benchmarks.render [--points N --tiles T --size S --json PATH]
+    python -m benchmarks.render [--points=N --tiles=T --size=S --chunk_size=C --json=PATH]
 
 Synthetic city: T tiles of S x S pixels on a regular grid (about 0.47 m per pixel, BJRoad's
 zoom-18 tiles near Beijing), N seeded GPS points of which ~10% fall outside every tile. Times
@@ -11,13 +11,14 @@ per tile) and checks both give the same heat-maps. The BJRoad-scale job is
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
 import resource
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 
 from cmmp_jax.data import heatmap
@@ -100,24 +101,27 @@ def _table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--points", type=int, default=2_000_000)
-  parser.add_argument("--tiles", type=int, default=16)
-  parser.add_argument("--size", type=int, default=256)
-  parser.add_argument("--chunk-size", type=int, default=heatmap.DEFAULT_CHUNK_SIZE)
-  parser.add_argument("--json", default=None, help="write the results to this JSON file")
-  args = parser.parse_args(argv)
-  for name in ("points", "tiles", "size", "chunk_size"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name.replace('_', '-')} must be positive")
+def define_flags() -> None:
+  """The command line's flags (defined only when this module runs as the program)."""
+  flags.DEFINE_integer("points", 2_000_000, "GPS points.", lower_bound=1)
+  flags.DEFINE_integer("tiles", 16, "Tiles on a regular grid.", lower_bound=1)
+  flags.DEFINE_integer("size", 256, "Tile side in pixels.", lower_bound=1)
+  flags.DEFINE_integer("chunk_size", heatmap.DEFAULT_CHUNK_SIZE, "Points per bucketing chunk.",
+                       lower_bound=1)
+  flags.DEFINE_string("json", None, "Write the results to this JSON file.")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   result = run(args.points, args.tiles, args.size, chunk_size=args.chunk_size)
   print(_table(result))
   if args.json:
     with open(args.json, "w") as handle:
       json.dump(result, handle, indent=2)
-  return result
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

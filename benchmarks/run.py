@@ -1,16 +1,19 @@
 """The benchmark suite: train and eval steps, largest batch, input pipeline, rendering, scaling.
 
-  python -m benchmarks.run [--size 1024 --batch 2 --dtype bfloat16 --model cmmpnet --width 1.0
-      --depths 3,4,6,3 --upsample_method dilated --remat --steps 20 --json PATH
-      --sections train,eval,maxbatch,pipeline,render,scaling]
+  python -m benchmarks.run [--config=configs/default.py[:presets] --config.model.dtype=bfloat16
+      --config.model.width=1.0 --config.model.depths='(3,4,6,3)' --config.model.remat=True
+      --size=1024 --batch=2 --steps=20 --json=PATH
+      --sections=train,eval,maxbatch,pipeline,render,scaling]
 
 Prints one table and writes a JSON report ('meta': device kind and count, platform, JAX and Flax
 versions, model, sizes, dtype, device peak; then one entry per section). The JSON is rewritten
 (atomically) after every section, so a failure later keeps the finished sections.
 
-Defaults: on a CPU-only machine a small model (128 px, width 0.25, one block per encoder layer,
-maxbatch capped at 4) so that the suite finishes in minutes; on GPU/TPU the full model (1024 px,
-width 1.0, ResNet-34 depths). Explicit flags override both.
+The model is --config's (config.model; default configs/default.py, the full CMMPNet). Defaults:
+without --size, on a CPU-only machine a small model (128 px, width 0.25, one block per encoder
+layer: train_step.CPU_DEFAULTS; --config.model.width / depths on the command line still apply;
+maxbatch capped at 4) so that the suite finishes in minutes; on GPU/TPU the config's model at
+1024 px.
 
 Sections:
   train     benchmarks.train_step.measure_train: images/s, ms/step (median after warm-up, timed
@@ -29,7 +32,6 @@ Sections:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -41,8 +43,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Sequence
 
+from absl import app
+from absl import flags
 import jax
 
 from benchmarks import train_step as step_lib
@@ -50,66 +55,67 @@ from benchmarks import train_step as step_lib
 SECTIONS = ("train", "eval", "maxbatch", "pipeline", "render", "scaling")
 REPO_ROOT = step_lib.REPO_ROOT
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-# Spec of the simulated-CPU scaling check when the main backend is an accelerator: the full
-# model at 1024 px would take hours on a CPU.
-_CPU_SPEC_FIELDS = dict(size=128, width=0.25, depths=(1, 1, 1, 1))
 
 
-def _positive_ints(text: str, flag: str) -> list[int]:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 argv: Sequence[str] | None = None) -> None:
+  """The suite's flags on flag_values (argv: the command line --config reads its overrides from,
+  default sys.argv). Defined only when this module runs as the program, or on a fresh
+  flags.FlagValues() by a caller."""
+  step_lib.define_spec_flags(flag_values, argv)
+  def define(kind, *args, **kwargs):
+    kind(*args, flag_values=flag_values, **kwargs)
+
+  define(flags.DEFINE_list, "sections", list(SECTIONS), f"Subset of {','.join(SECTIONS)}.")
+  define(flags.DEFINE_string, "json", None, "Write the report to this file.")
+  define(flags.DEFINE_bool, "no_donate", False, "Train step without donation.")
+  define(flags.DEFINE_integer, "maxbatch_cap", None,
+         "Largest batch tried (default 4 on CPU, 256 elsewhere).", lower_bound=1)
+  define(flags.DEFINE_float, "maxbatch_budget_mb", None,
+         "Compiled-memory budget per device (default on CPU: a quarter of the host's RAM; "
+         "elsewhere the device's own limit).")
+  define(flags.DEFINE_integer, "pipeline_size", None, "Tile side (default --size).",
+         lower_bound=1)
+  define(flags.DEFINE_list, "pipeline_workers", ["0", "2"], "Grain worker counts.")
+  define(flags.DEFINE_integer, "pipeline_examples", 32, "Examples timed.", lower_bound=1)
+  define(flags.DEFINE_integer, "pipeline_batch", None, "Default --batch.", lower_bound=1)
+  define(flags.DEFINE_integer, "render_points", 2_000_000, "GPS points.", lower_bound=1)
+  define(flags.DEFINE_integer, "render_tiles", 16, "Tiles.", lower_bound=1)
+  define(flags.DEFINE_integer, "render_size", 256, "Tile side.", lower_bound=1)
+  define(flags.DEFINE_list, "scaling_devices", ["1", "2", "4", "8"],
+         "Simulated CPU device counts.")
+  define(flags.DEFINE_integer, "scaling_batch", 8, "Fixed global batch.", lower_bound=1)
+  define(flags.DEFINE_float, "scaling_timeout_s", 900.0, "Limit per scaling subprocess.")
+
+
+def _counts(values: Sequence[str], flag: str, least: int) -> list[int]:
   try:
-    values = [int(v) for v in text.split(",") if v.strip()]
+    counts = [int(v) for v in values if v.strip()]
   except ValueError as error:
-    raise step_lib.BenchmarkError(
-        f"{flag} must be comma-separated integers, got {text!r}") from error
-  if not values or min(values) < 0:
-    raise step_lib.BenchmarkError(f"{flag} must list non-negative integers, got {text!r}")
-  return values
+    raise app.UsageError(f"--{flag} must be comma-separated integers, got {values}") from error
+  if not counts or min(counts) < least:
+    raise app.UsageError(f"--{flag} must list integers >= {least}, got {values}")
+  return counts
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  step_lib.add_spec_arguments(parser)
-  parser.add_argument("--sections", default=",".join(SECTIONS),
-                      help=f"comma-separated subset of {','.join(SECTIONS)}")
-  parser.add_argument("--json", default=None, help="write the report to this file")
-  parser.add_argument("--no_donate", action="store_true", help="train step without donation")
-  parser.add_argument("--maxbatch_cap", type=int, default=None,
-                      help="largest batch tried (default 4 on CPU, 256 elsewhere)")
-  parser.add_argument("--maxbatch_budget_mb", type=float, default=None,
-                      help="compiled-memory budget per device (default on CPU: a quarter of "
-                      "the host's RAM; elsewhere the device's own limit)")
-  parser.add_argument("--pipeline_size", type=int, default=None, help="tile side (default --size)")
-  parser.add_argument("--pipeline_workers", default="0,2", help="grain worker counts")
-  parser.add_argument("--pipeline_examples", type=int, default=32)
-  parser.add_argument("--pipeline_batch", type=int, default=None, help="default --batch")
-  parser.add_argument("--render_points", type=int, default=2_000_000)
-  parser.add_argument("--render_tiles", type=int, default=16)
-  parser.add_argument("--render_size", type=int, default=256)
-  parser.add_argument("--scaling_devices", default="1,2,4,8", help="simulated CPU device counts")
-  parser.add_argument("--scaling_batch", type=int, default=8, help="fixed global batch")
-  parser.add_argument("--scaling_timeout_s", type=float, default=900.0,
-                      help="limit per scaling subprocess")
-  args = parser.parse_args(argv)
-  sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-  unknown = sorted(set(sections) - set(SECTIONS))
-  if unknown or not sections:
-    parser.error(f"--sections: unknown {unknown}; choose from {','.join(SECTIONS)}")
-  args.sections = [s for s in SECTIONS if s in sections]
-  try:
-    args.pipeline_workers = _positive_ints(args.pipeline_workers, "--pipeline_workers")
-    args.scaling_devices = _positive_ints(args.scaling_devices, "--scaling_devices")
-  except step_lib.BenchmarkError as error:
-    parser.error(str(error))
-  if 0 in args.scaling_devices:
-    parser.error("--scaling_devices must be positive")
-  for name in ("steps", "scaling_batch", "pipeline_examples", "render_points", "render_tiles",
-               "render_size"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name} must be positive")
-  bad = [n for n in args.scaling_devices if args.scaling_batch % n]
-  if "scaling" in args.sections and bad:
-    parser.error(f"--scaling_batch {args.scaling_batch} is not divisible by device counts {bad}")
-  return args
+def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                       argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  """The suite's knobs from parsed flags (sections in suite order, counts as integers, argv
+  without the program for the report); inconsistent ones are an app.UsageError."""
+  options = types.SimpleNamespace(**{
+      name: flag_values[name].value for name in (
+          "json", "no_donate", "maxbatch_cap", "maxbatch_budget_mb", "pipeline_size",
+          "pipeline_examples", "pipeline_batch", "render_points", "render_tiles", "render_size",
+          "scaling_batch", "scaling_timeout_s", "steps", "warmup")})
+  options.sections = step_lib.parse_sections(flag_values.sections, SECTIONS)
+  options.pipeline_workers = _counts(flag_values.pipeline_workers, "pipeline_workers", 0)
+  options.scaling_devices = _counts(flag_values.scaling_devices, "scaling_devices", 1)
+  options.argv = list(sys.argv if argv is None else argv)[1:]
+  bad = [n for n in options.scaling_devices if options.scaling_batch % n]
+  if "scaling" in options.sections and bad:
+    raise app.UsageError(f"--scaling_batch {options.scaling_batch} is not divisible by device "
+                         f"counts {bad}")
+  return options
 
 
 # ----------------------------------------------------------------------------- sections
@@ -178,14 +184,6 @@ def simulated_cpu_env(num_devices: int, base: dict[str, str] | None = None) -> d
   return env
 
 
-def _spec_flags(spec) -> list[str]:
-  flags = ["--model", spec.model, "--width", repr(spec.width),
-           "--depths", ",".join(str(d) for d in spec.depths), "--dtype", spec.dtype,
-           "--upsample_method", spec.upsample_method, "--aux_channels", str(spec.aux_channels),
-           "--size", str(spec.size), "--batch", str(spec.batch)]
-  return flags + (["--remat"] if spec.remat else [])
-
-
 def simulated_scaling(spec, args, variables) -> list[dict[str, Any]]:
   """Train-step images/s on N simulated CPU devices per subprocess (fixed global batch)."""
   rows = []
@@ -195,7 +193,7 @@ def simulated_scaling(spec, args, variables) -> list[dict[str, Any]]:
     for n in args.scaling_devices:
       out = pathlib.Path(folder) / f"devices_{n}.json"
       cmd = [sys.executable, "-m", "benchmarks.train_step", "--sections", "train",
-             *_spec_flags(spec), "--steps", str(args.steps), "--warmup", str(args.warmup),
+             *spec.flags(), "--steps", str(args.steps), "--warmup", str(args.warmup),
              "--variables", str(variables_path), "--no_peak", "--json", str(out)]
       if args.no_donate:
         cmd.append("--no_donate")
@@ -259,7 +257,9 @@ def _relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def scaling_section(spec, args, variables, on_cpu: bool, peak) -> dict[str, Any]:
-  cpu_spec = spec if on_cpu else spec.replace(**_CPU_SPEC_FIELDS)
+  # When the main backend is an accelerator, the simulated-CPU check uses the CPU defaults: the
+  # full model at 1024 px would take hours on a CPU.
+  cpu_spec = spec if on_cpu else spec.replace(**step_lib.CPU_DEFAULTS)
   cpu_spec = cpu_spec.replace(batch=args.scaling_batch)
   cpu_variables = variables if on_cpu else step_lib.initial_variables(cpu_spec)
   out = {"global_batch": args.scaling_batch, "simulated_cpu_spec": cpu_spec.to_dict(),
@@ -352,14 +352,10 @@ def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
   tmp.replace(path)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = parse_args(argv)
+def run(spec: step_lib.StepSpec, args: types.SimpleNamespace) -> dict[str, Any]:
+  """The suite for spec (train_step.spec_from_flags) with options_from_flags' knobs: prints the
+  table, returns the report (and rewrites args.json after every section)."""
   on_cpu = jax.default_backend() == "cpu"
-  try:
-    spec = step_lib.spec_from_args(args, cpu_defaults=on_cpu)
-    spec.config()  # validates model fields before any work
-  except (step_lib.BenchmarkError, ValueError, KeyError) as error:
-    raise SystemExit(f"benchmarks.run: {error}") from error
   started = time.perf_counter()
   peak = step_lib.device_peak()
   peak_seconds = time.perf_counter() - started
@@ -369,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "dtype": spec.dtype, "model": spec.model, "width": spec.width,
       "peak": dataclasses.asdict(peak), "peak_seconds": peak_seconds,
       "sections": args.sections, "steps": args.steps, "warmup": args.warmup,
-      "donate": not args.no_donate, "argv": list(sys.argv[1:] if argv is None else argv),
+      "donate": not args.no_donate, "argv": args.argv,
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
   model_sections = {"train", "eval", "maxbatch", "scaling"} & set(args.sections)
   started = time.perf_counter()
@@ -401,5 +397,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   return report
 
 
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run(step_lib.spec_from_flags(flags.FLAGS), options_from_flags(flags.FLAGS))
+
+
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -1,10 +1,14 @@
 """Speed, XLA cost and memory of the jitted train step and evaluation (forward) step.
 
-  python -m benchmarks.train_step [--size 128 --batch 2 --model cmmpnet --width 0.25
-      --depths 1,1,1,1 --dtype float32 --upsample_method dilated --remat --no_donate
-      --steps 20 --warmup 2 --sections train,eval --variables PATH --json PATH]
+  python -m benchmarks.train_step [--config=configs/default.py[:presets] --config.model.width=0.25
+      --config.model.depths='(1,1,1,1)' --config.model.dtype=bfloat16 --size=128 --batch=2
+      --steps=20 --warmup=2 --sections=train,eval --no_donate --variables=PATH --json=PATH]
 
-The steps measured are exactly `cmmp_jax.train.make_train_step` / `make_eval_step` on a mesh of
+The model is --config's (config.model with its presets and overrides; the optimizer and loss are
+configs/default.py's). Without --size: 1024 px, or on a CPU-only machine 128 px with a small
+model (CPU_DEFAULTS; --config.model.width / depths on the command line still apply).
+
+The steps measured are exactly `cmmp_jax.steps.make_train_step` / `make_eval_step` on a mesh of
 all visible devices (data parallel, global batch sharded on 'data'), fed one synthetic batch in
 the pipeline's layout (image float32 (B, S, S, 3) and aux float32 (B, S, S, C) scaled to
 [-1.6, 1.6], mask float32 (B, S, S, 1) in {0, 1}). The input pipeline is timed separately
@@ -28,7 +32,6 @@ that ignores caches. Numbers are per device program; per-step totals multiply by
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -39,17 +42,25 @@ import statistics
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import app
+from absl import flags
 import flax
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
-from cmmp_jax import configs, train
+from cmmp_jax import config_checks, convert, sharding
+from cmmp_jax import state as state_lib
+from cmmp_jax import steps as step_fns
+from configs import default as default_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.py"
+# Without --size on a CPU-only machine: a model and input side that run in minutes.
+CPU_DEFAULTS = dict(size=128, width=0.25, depths=(1, 1, 1, 1))
 SECTIONS = ("train", "eval")
 # Substrings of an XLA runtime error that mean the program did not fit in device memory.
 _OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
@@ -163,6 +174,8 @@ class StepSpec:
   """One model configuration and input size to benchmark (fields of config.model plus sizes).
 
   size: square input side in pixels (a multiple of 32); batch: GLOBAL batch (all devices).
+  model_extras: the other config.model fields where they differ from configs/default.py, as
+  sorted (field, value) pairs, e.g. (('backbone', 'resunet'),).
   """
   model: str = "cmmpnet"
   width: float = 0.25
@@ -173,19 +186,33 @@ class StepSpec:
   aux_channels: int = 1
   size: int = 128
   batch: int = 2
+  model_extras: tuple[tuple[str, Any], ...] = ()
+
+  def model_fields(self) -> dict[str, Any]:
+    """The config.model fields this spec sets."""
+    return {**dict(self.model_extras), "name": self.model, "width": float(self.width),
+            "depths": tuple(int(d) for d in self.depths), "dtype": self.dtype,
+            "upsample_method": self.upsample_method, "remat": bool(self.remat),
+            "aux_channels": int(self.aux_channels)}
 
   def config(self) -> ml_collections.ConfigDict:
-    """configs/default.py with these model fields and batch (validated there)."""
+    """configs/default.py with these model fields and batch, validated."""
     if self.size <= 0 or self.size % 32:
       raise BenchmarkError(f"size must be a positive multiple of 32, got {self.size}")
     if self.batch <= 0:
       raise BenchmarkError(f"batch must be positive, got {self.batch}")
-    return configs.load_config(str(DEFAULT_CONFIG), {
-        "model.name": self.model, "model.width": float(self.width),
-        "model.depths": tuple(int(d) for d in self.depths), "model.dtype": self.dtype,
-        "model.upsample_method": self.upsample_method, "model.remat": bool(self.remat),
-        "model.aux_channels": int(self.aux_channels), "batch_size": int(self.batch),
-        "eval_batch_size": int(self.batch)})
+    config = default_config.get_config()
+    config.update_from_flattened_dict({
+        **{f"model.{k}": v for k, v in self.model_fields().items()},
+        "batch_size": int(self.batch), "eval_batch_size": int(self.batch)})
+    config_checks.validate(config)
+    return config
+
+  def flags(self) -> list[str]:
+    """The command-line flags of benchmarks.train_step that describe this spec."""
+    return ([f"--config={DEFAULT_CONFIG}"]
+            + [f"--config.model.{k}={v}" for k, v in self.model_fields().items()]
+            + [f"--size={self.size}", f"--batch={self.batch}"])
 
   def replace(self, **fields) -> StepSpec:
     return dataclasses.replace(self, **fields)
@@ -193,6 +220,8 @@ class StepSpec:
   def to_dict(self) -> dict:
     out = dataclasses.asdict(self)
     out["depths"] = list(self.depths)
+    out["model_extras"] = {k: list(v) if isinstance(v, tuple) else v
+                           for k, v in self.model_extras}
     return out
 
 
@@ -211,21 +240,21 @@ def synthetic_batch(batch: int, size: int, aux_channels: int = 1, *, seed: int =
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  """train.make_mesh() (all devices), or a 'data' mesh of the first num_devices devices."""
-  if num_devices is None or num_devices == jax.device_count():
-    return train.make_mesh()
+  """The training mesh over all devices, or over the first num_devices devices."""
+  if num_devices is None:
+    return sharding.make_mesh()
   if not 0 < num_devices <= jax.device_count():
     raise BenchmarkError(f"asked for {num_devices} devices; {jax.device_count()} are visible")
-  return jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
+  return sharding.make_mesh(jax.devices()[:num_devices])
 
 
 def initial_variables(spec: StepSpec) -> dict:
-  """Host (numpy) {'params', 'batch_stats'} of a fresh model, via train.init_state (the seeded
+  """Host (numpy) {'params', 'batch_stats'} of a fresh model, via state.init_state (the seeded
   random init of training). Parameters do not depend on dtype, remat or upsample_method, so one
   set serves every variant of a model, width, depths and aux_channels."""
   config = spec.config()
   shape = (1, spec.size, spec.size)
-  _, state = train.init_state(config, (*shape, 3), (*shape, spec.aux_channels), total_steps=1)
+  _, state = state_lib.init_state(config, (*shape, 3), (*shape, spec.aux_channels))
   return jax.device_get({"params": flax.core.unfreeze(state.params),
                          "batch_stats": flax.core.unfreeze(state.batch_stats)})
 
@@ -257,36 +286,32 @@ def load_variables(path: str | os.PathLike) -> dict:
 
 def _check_variables(spec: StepSpec, variables: Mapping[str, Any]) -> None:
   """Raises BenchmarkError when variables' shapes differ from spec's model."""
-  abstract = train.abstract_variables(spec.config(), size=64)
-  want = {k: v.shape for k, v in traverse_util.flatten_dict(
-      flax.core.unfreeze(abstract), sep="/").items()}
-  got = {k: np.shape(v) for k, v in traverse_util.flatten_dict(dict(variables), sep="/").items()}
-  if want != got:
-    missing = sorted(set(want) - set(got))[:3]
-    extra = sorted(set(got) - set(want))[:3]
-    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])[:3]
+  try:
+    convert.check_variables_match(
+        variables, flax.core.unfreeze(state_lib.abstract_variables(spec.config(), size=64)),
+        source="variables")
+  except convert.ConversionError as error:
     raise BenchmarkError(
         f"variables do not match model {spec.model!r} width {spec.width} depths {spec.depths} "
-        f"aux_channels {spec.aux_channels}: missing {missing}, unexpected {extra}, "
-        f"wrong shapes {wrong}")
+        f"aux_channels {spec.aux_channels}: {error}") from error
 
 
-def make_state(spec: StepSpec, variables: Mapping[str, Any], mesh) -> tuple[Any, train.TrainState]:
+def make_state(spec: StepSpec, variables: Mapping[str, Any],
+               mesh) -> tuple[Any, state_lib.TrainState]:
   """(model, TrainState) from host variables, replicated over mesh."""
   config = spec.config()
-  model, state = train.create_state_from_variables(
-      config, jax.tree.map(np.asarray, dict(variables)), total_steps=1)
-  return model, train.put_replicated(jax.device_get(state), mesh)
+  model, state = state_lib.create_state(config, jax.tree.map(np.asarray, dict(variables)))
+  return model, sharding.put_replicated(state, mesh)
 
 
 def make_train_fn(model, config, mesh, *, donate: bool = True):
-  """train.make_train_step; donate=False re-jits the same step function with the same shardings
+  """steps.make_train_step; donate=False re-jits the same step function with the same shardings
   and no donated state (make_train_step always donates; jax.jit keeps the wrapped function as
   __wrapped__)."""
-  step = train.make_train_step(model, config, mesh)
+  step = step_fns.make_train_step(model, config, mesh)
   if donate:
     return step
-  rep, data = train.replicated(mesh), train.batch_sharding(mesh)
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(step.__wrapped__, in_shardings=(rep, {k: data for k in ("image", "aux", "mask")}),
                  out_shardings=(rep, rep))
 
@@ -330,9 +355,9 @@ def residual_bytes(spec: StepSpec, batch_size: int | None = None) -> dict[str, i
   NOTES.md C3)."""
   batch_size = batch_size or spec.batch
   config = spec.config()
-  variables = train.abstract_variables(config, spec.size)
-  model = train.build_model(train.model_config_dict(config))
-  loss_fn = train.make_loss_fn(model, config)
+  variables = state_lib.abstract_variables(config, spec.size)
+  model = state_lib.model_from_config(config)
+  loss_fn = step_fns.make_loss_fn(model, config)
   batch = {k: jax.ShapeDtypeStruct((batch_size, spec.size, spec.size, c), jnp.float32)
            for k, c in (("image", 3), ("aux", spec.aux_channels), ("mask", 1))}
 
@@ -446,7 +471,7 @@ def _model_flops_without_remat(spec: StepSpec, lowered_remat, compiled_flops: fl
   lowered (unoptimised) programs' FLOPs without and with remat. Tracing only, no second
   compilation; the ratio cancels what XLA's optimisations change in both."""
   config = spec.replace(remat=False).config()
-  model = train.build_model(train.model_config_dict(config))
+  model = state_lib.model_from_config(config)
   lowered = make_train_fn(model, config, mesh, donate=donate).lower(state, batch)
   return compiled_flops * _lowered_flops(lowered) / _lowered_flops(lowered_remat)
 
@@ -454,13 +479,13 @@ def _model_flops_without_remat(spec: StepSpec, lowered_remat, compiled_flops: fl
 def measure_train(spec: StepSpec, *, steps: int = 20, warmup: int = 2, mesh=None,
                   variables: Mapping[str, Any] | None = None, donate: bool = True,
                   peak: DevicePeak | None = None) -> dict[str, Any]:
-  """Times train.make_train_step on one synthetic batch (see speed_report for the keys), plus
+  """Times steps.make_train_step on one synthetic batch (see speed_report for the keys), plus
   'compile_s', 'memory' (compiled_memory), 'device_peak_bytes' (None on CPU), 'losses' first
   and last, 'nonfinite_steps' (steps whose loss or gradient was not finite: the step keeps the
   old state, the timing is still that of a full step), 'devices', 'spec', 'donate'."""
   mesh, model, state = _prepare(spec, variables, mesh)
   config = spec.config()
-  batch = train.to_global_batch(synthetic_batch(spec.batch, spec.size, spec.aux_channels), mesh)
+  batch = sharding.to_global_batch(synthetic_batch(spec.batch, spec.size, spec.aux_channels), mesh)
   step = make_train_fn(model, config, mesh, donate=donate)
   start = time.perf_counter()
   lowered = step.lower(state, batch)
@@ -493,11 +518,11 @@ def measure_train(spec: StepSpec, *, steps: int = 20, warmup: int = 2, mesh=None
 def measure_eval(spec: StepSpec, *, steps: int = 20, warmup: int = 2, mesh=None,
                  variables: Mapping[str, Any] | None = None,
                  peak: DevicePeak | None = None) -> dict[str, Any]:
-  """Times train.make_eval_step (forward, sigmoid, per-tile counts) like measure_train."""
+  """Times steps.make_eval_step (forward, sigmoid, per-tile counts) like measure_train."""
   mesh, model, state = _prepare(spec, variables, mesh)
-  batch = train.to_global_batch(
+  batch = sharding.to_global_batch(
       synthetic_batch(spec.batch, spec.size, spec.aux_channels, with_valid=True), mesh)
-  step = train.make_eval_step(model, mesh)
+  step = step_fns.make_eval_step(model, mesh)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -582,7 +607,7 @@ def measure_max_batch(spec: StepSpec, *, cap: int, budget_bytes: int | None = No
     state = batch = None
     try:
       model, state = make_state(probe_spec, host_variables, mesh)
-      batch = train.to_global_batch(synthetic_batch(b, spec.size, spec.aux_channels), mesh)
+      batch = sharding.to_global_batch(synthetic_batch(b, spec.size, spec.aux_channels), mesh)
       start_s = time.perf_counter()
       compiled = make_train_fn(model, config, mesh).lower(state, batch).compile()
       row["compile_s"] = time.perf_counter() - start_s
@@ -630,59 +655,85 @@ def environment() -> dict[str, Any]:
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_cpus": os.cpu_count()}
 
 
-def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
-  """Model and size flags shared with benchmarks.run (None = that module's default)."""
-  parser.add_argument("--size", type=int, default=None, help="input side (multiple of 32)")
-  parser.add_argument("--batch", type=int, default=None, help="global batch")
-  parser.add_argument("--model", default="cmmpnet")
-  parser.add_argument("--width", type=float, default=None, help="channel multiplier")
-  parser.add_argument("--depths", default=None, help="blocks per encoder layer, e.g. 3,4,6,3")
-  parser.add_argument("--aux_channels", type=int, default=1)
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--upsample_method", default="dilated", choices=("dilated", "subpixel"))
-  parser.add_argument("--remat", action="store_true", help="rematerialise blocks")
-  parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+def define_spec_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                      argv: Sequence[str] | None = None) -> None:
+  """The model and size flags shared with benchmarks.run: --config (its config.model), --size,
+  --batch, --steps, --warmup. argv: the command line --config reads its overrides from (default
+  sys.argv)."""
+  config_flags.DEFINE_config_file(
+      "config", str(DEFAULT_CONFIG), "Config file (with :presets) whose model (config.model, "
+      "--config.model.* overrides) is benchmarked.", flag_values=flag_values, sys_argv=argv,
+      lock_config=True)
+  flags.DEFINE_integer("size", None, "Input side (multiple of 32). Default 1024; on a CPU-only "
+                       "machine 128 with a small model (CPU_DEFAULTS).", flag_values=flag_values)
+  flags.DEFINE_integer("batch", 2, "Global batch.", lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_integer("steps", 20, "Timed steps (median reported).", lower_bound=1,
+                       flag_values=flag_values)
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=0,
+                       flag_values=flag_values)
 
 
-def spec_from_args(args: argparse.Namespace, *, cpu_defaults: bool) -> StepSpec:
-  """StepSpec from add_spec_arguments' flags; unset size/width/depths/batch take the small CPU
-  defaults (128, 0.25, 1,1,1,1, 2) or the full ones (1024, 1.0, 3,4,6,3, 2) on accelerators."""
-  small = cpu_defaults
-  depths = args.depths or ("1,1,1,1" if small else "3,4,6,3")
+def spec_from_config(config: ml_collections.ConfigDict, size: int | None = None, batch: int = 2,
+                     *, cpu_defaults: bool = False, overridden=()) -> StepSpec:
+  """StepSpec of config.model at this input side and global batch. Without a size: 1024 px, or
+  with cpu_defaults (a CPU-only machine) CPU_DEFAULTS: 128 px and the small width and depths,
+  except for the fields named in `overridden` ('model.width', as config_flags reports the
+  command line's overrides)."""
+  model = config.model.to_dict()
+  if size is None and cpu_defaults:
+    model.update({k: v for k, v in CPU_DEFAULTS.items()
+                  if k != "size" and f"model.{k}" not in overridden})
+  named = StepSpec().model_fields()  # the fields StepSpec has a name for
+  reference = default_config.get_config().model.to_dict()
+  extras = tuple(sorted((k, v) for k, v in model.items()
+                        if k not in named and v != reference.get(k)))
+  return StepSpec(model=model["name"], width=model["width"], depths=tuple(model["depths"]),
+                  dtype=model["dtype"], upsample_method=model["upsample_method"],
+                  remat=model["remat"], aux_channels=model["aux_channels"],
+                  size=size or (CPU_DEFAULTS["size"] if cpu_defaults else 1024), batch=batch,
+                  model_extras=extras)
+
+
+def spec_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> StepSpec:
+  """The StepSpec of parsed define_spec_flags flags (the CPU defaults on a CPU backend); a bad
+  config or size is an app.UsageError naming it."""
   try:
-    depths = tuple(int(d) for d in str(depths).split(",") if d.strip())
-  except ValueError as error:
-    raise BenchmarkError(
-        f"--depths must be comma-separated integers, got {args.depths!r}") from error
-  if len(depths) != 4 or min(depths) < 1:
-    raise BenchmarkError(f"--depths needs four positive integers, got {args.depths!r}")
-  return StepSpec(model=args.model, width=args.width if args.width is not None else (
-      0.25 if small else 1.0), depths=depths, dtype=args.dtype,
-                  upsample_method=args.upsample_method, remat=bool(args.remat),
-                  aux_channels=args.aux_channels,
-                  size=args.size if args.size is not None else (128 if small else 1024),
-                  batch=args.batch if args.batch is not None else 2)
+    config_checks.validate(flag_values.config)
+    spec = spec_from_config(flag_values.config, flag_values.size, flag_values.batch,
+                            cpu_defaults=jax.default_backend() == "cpu",
+                            overridden=config_flags.get_override_values(flag_values["config"]))
+    spec.config()  # checks the size and the model fields before any work
+  except (BenchmarkError, ValueError, KeyError) as error:
+    raise app.UsageError(str(error)) from error
+  return spec
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  add_spec_arguments(parser)
-  parser.add_argument("--sections", default="train", help="comma-separated: train,eval")
-  parser.add_argument("--no_donate", action="store_true", help="train step without donation")
-  parser.add_argument("--variables", default=None, help=".npz of parameters (save_variables)")
-  parser.add_argument("--no_peak", action="store_true",
-                      help="skip the peak measurement of devices missing from PEAK_TABLE")
-  parser.add_argument("--json", default=None, help="write the results to this file")
-  args = parser.parse_args(argv)
-  sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-  unknown = sorted(set(sections) - set(SECTIONS))
+def parse_sections(values: Sequence[str], known: Sequence[str]) -> list[str]:
+  """The --sections list checked against the known names, in their order."""
+  sections = [s.strip() for s in values if s.strip()]
+  unknown = sorted(set(sections) - set(known))
   if unknown or not sections:
-    parser.error(f"--sections must be a subset of {','.join(SECTIONS)}, got {args.sections!r}")
-  try:
-    spec = spec_from_args(args, cpu_defaults=jax.default_backend() == "cpu")
-  except BenchmarkError as error:
-    parser.error(str(error))
+    raise app.UsageError(f"--sections: unknown {unknown}; choose from {','.join(known)}")
+  return [s for s in known if s in sections]
+
+
+def define_flags() -> None:
+  """This module's command line (defined only when it runs as the program)."""
+  define_spec_flags()
+  flags.DEFINE_list("sections", ["train"], f"Subset of {','.join(SECTIONS)}.")
+  flags.DEFINE_bool("no_donate", False, "Train step without donation.")
+  flags.DEFINE_string("variables", None, ".npz of parameters (save_variables).")
+  flags.DEFINE_bool("no_peak", False, "Skip the peak measurement of devices missing from "
+                    "PEAK_TABLE.")
+  flags.DEFINE_string("json", None, "Write the results to this file.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
+  sections = parse_sections(args.sections, SECTIONS)
+  spec = spec_from_flags(args)
   variables = load_variables(args.variables) if args.variables else initial_variables(spec)
   peak = device_peak(measure_if_unknown=not args.no_peak)
   report: dict[str, Any] = {"environment": environment(), "spec": spec.to_dict(),
@@ -700,8 +751,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           flush=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2))
-  return report
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -11,28 +11,16 @@ evaluation history.
 """
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 
+from cmmp_jax import sharding
 from cmmp_jax.data import pipeline
 
 STATE, DATA_ITER, META = "state", "data_iter", "meta"
-
-
-def use_coordination_service_barriers() -> None:
-  """Makes orbax meet processes at barriers of jax's coordination service (with timeouts of
-  minutes) instead of its default, a device all-reduce: on CPU that is a gloo collective, and
-  gloo gives up when a peer is more than 30 s late (a process that builds the dataset, or
-  compiles slower, easily is). The switch is an absl flag of orbax; outside an absl app the
-  flags are unparsed and orbax would read it as False, so they are marked parsed first."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from orbax.checkpoint._src.multihost import multihost  # pylint: disable=import-outside-toplevel
-  pipeline.ensure_absl_flags_parsed()
-  flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name].value = True
 
 
 class CheckpointMismatchError(ValueError):
@@ -70,7 +58,7 @@ class Checkpoints:
   def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, asynchronous: bool = True):
     self.workdir = pathlib.Path(workdir).absolute()
     if jax.process_count() > 1:
-      use_coordination_service_barriers()
+      sharding.use_coordination_service_barriers()
     # With several processes the two managers' barriers (named after the step) would collide
     # when both save the same step: each gets its own prefix.
     options = lambda k, prefix: ocp.CheckpointManagerOptions(
@@ -140,27 +128,3 @@ class Checkpoints:
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointMismatchError(f"{where} does not fit the model: {e}") from e
     return step, restored[STATE], dict(restored[META])
-
-
-def write_converted(workdir, config, variables, *, source: str) -> int:
-  """Saves converted release weights as step 0 (latest and best) of a fresh TrainState, so that
-  `--mode=eval`, `--mode=predict` and fine-tuning with `--mode=train` all start from them."""
-  from cmmp_jax import convert, train  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  model, state = train.create_state_from_variables(config, variables)
-  del model
-  abstract = train.abstract_variables(config)
-  convert.check_variables_match({"params": state.params, "batch_stats": state.batch_stats},
-                                abstract, source=f"weights from {source}")
-  meta = {"model": model_signature(config.model), "source": source,
-          "config": json.loads(config.to_json_best_effort())}
-  ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
-  existing = ckpts.latest.latest_step()
-  if existing is not None:
-    ckpts.close()
-    raise FileExistsError(f"{workdir} already holds checkpoints (latest step {existing}); "
-                          "convert into an empty --workdir")
-  ckpts.save(0, jax.device_get(state), meta, best=True)
-  ckpts.wait()
-  ckpts.close()
-  return 0

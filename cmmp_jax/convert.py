@@ -9,20 +9,28 @@
   global FC weights need no permutation.
 - `load_torchvision_resnet34(variables, state_dict, branch)`: ImageNet ResNet-34 weights (a local
   torchvision file) into one branch's stem and encoder, as the release initialises both branches.
-- CLI: `python -m cmmp_jax.convert --torch-checkpoint FILE.pth|.npz --workdir DIR
-  [--config configs/bjroad.py]` writes an Orbax checkpoint that `--mode=eval` / `--mode=predict`
-  load. `.pth` needs torch (optional); `.npz` holds the state_dict's arrays under their keys.
+- CLI: `python -m cmmp_jax.convert --torch_checkpoint=FILE.pth|.npz --workdir=DIR
+  [--config=configs/bjroad.py[:presets] --config.a.b=value --keep_bgr]` writes an Orbax
+  checkpoint that `--mode=eval` / `--mode=predict` load (`run(config, ...)` from Python). `.pth`
+  needs torch (optional); `.npz` holds the state_dict's arrays under their keys.
 """
 from __future__ import annotations
 
-import argparse
+import json
 import pathlib
 import re
-import sys
 from typing import Any, Mapping
 
-import numpy as np
+from absl import app
+from absl import flags
 from flax import traverse_util
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from cmmp_jax import checkpoint
+from cmmp_jax import config_checks
+from cmmp_jax import state as state_lib
 
 
 class ConversionError(ValueError):
@@ -212,6 +220,17 @@ def load_torchvision_resnet34(variables: Mapping, state_dict: Mapping[str, Any],
   return {c: traverse_util.unflatten_dict(v) for c, v in out.items()}
 
 
+def init_from_imagenet(variables: Mapping, path: str | pathlib.Path) -> tuple[dict, list[str]]:
+  """Loads a torchvision ResNet-34 state_dict file into every encoder branch of `variables`
+  ('image' and 'aux' of the two-branch models, 'net' of the one-branch ones), as the release
+  initialises both encoders. Returns (variables, the branches filled)."""
+  weights = load_state_dict_file(path)
+  branches = [b for b in ("image", "aux", "net") if b in variables["params"]]
+  for branch in branches:
+    variables = load_torchvision_resnet34(variables, weights, branch)
+  return dict(variables), branches
+
+
 def load_state_dict_file(path: str | pathlib.Path) -> dict:
   """Reads a .pth/.pt (torch, optional dependency) or .npz state_dict into numpy arrays."""
   path = pathlib.Path(path)
@@ -234,23 +253,57 @@ def load_state_dict_file(path: str | pathlib.Path) -> dict:
   raise ValueError(f"{path}: expected a .pth, .pt or .npz state_dict file")
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--torch-checkpoint", required=True, help=".pth/.pt or .npz state_dict")
-  parser.add_argument("--workdir", required=True, help="where the Orbax checkpoint is written")
-  parser.add_argument("--config", default="configs/bjroad.py",
-                      help="config file (model fields must describe the release model)")
-  parser.add_argument("--keep-bgr", action="store_true",
-                      help="do not reorder the image stem from BGR to RGB")
-  args = parser.parse_args(argv)
-  from cmmp_jax import checkpoint, configs  # pylint: disable=import-outside-toplevel
-  config = configs.load_config(args.config)
-  variables = from_torch(load_state_dict_file(args.torch_checkpoint),
-                         bgr_to_rgb=not args.keep_bgr)
-  step = checkpoint.write_converted(args.workdir, config, variables,
-                                    source=str(args.torch_checkpoint))
-  print(f"wrote converted weights as step {step} to {args.workdir}")
+def write_converted(workdir, config, variables, *, source: str) -> int:
+  """Saves converted release weights as step 0 (latest and best) of a fresh TrainState, so that
+  `--mode=eval`, `--mode=predict` and fine-tuning with `--mode=train` all start from them.
+  Refuses a workdir that already holds checkpoints."""
+  _, state = state_lib.create_state(config, variables)
+  check_variables_match({"params": state.params, "batch_stats": state.batch_stats},
+                        state_lib.abstract_variables(config), source=f"weights from {source}")
+  meta = {"model": checkpoint.model_signature(config.model), "source": source,
+          "config": json.loads(config.to_json_best_effort())}
+  ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+  try:
+    existing = ckpts.latest.latest_step()
+    if existing is not None:
+      raise FileExistsError(f"{workdir} already holds checkpoints (latest step {existing}); "
+                            "convert into an empty --workdir")
+    ckpts.save(0, jax.device_get(state), meta, best=True)
+    ckpts.wait()
+  finally:
+    ckpts.close()
+  return 0
+
+
+def run(config, torch_checkpoint: str | pathlib.Path, workdir: str | pathlib.Path, *,
+        bgr_to_rgb: bool = True) -> int:
+  """The CLI's work: converts a release state_dict file (.pth/.pt/.npz) for config.model and
+  writes it as step 0 of the checkpoints in workdir; returns the step."""
+  variables = from_torch(load_state_dict_file(torch_checkpoint), bgr_to_rgb=bgr_to_rgb)
+  return write_converted(workdir, config, variables, source=str(torch_checkpoint))
+
+
+def define_flags() -> None:
+  """The command line's flags (defined only when this module runs as the program)."""
+  config_flags.DEFINE_config_file(
+      "config", "configs/bjroad.py", "Config file (with :presets); its model fields must "
+      "describe the release model.", lock_config=True)
+  flags.DEFINE_string("torch_checkpoint", None, ".pth/.pt or .npz state_dict of the release.")
+  flags.DEFINE_string("workdir", None, "Where the Orbax checkpoint is written.")
+  flags.DEFINE_bool("keep_bgr", False, "Do not reorder the image stem from BGR to RGB.")
+  flags.mark_flags_as_required(["torch_checkpoint", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  config_checks.validate(config)
+  workdir = flags.FLAGS.workdir
+  step = run(config, flags.FLAGS.torch_checkpoint, workdir, bgr_to_rgb=not flags.FLAGS.keep_bgr)
+  print(f"wrote converted weights as step {step} to {workdir}")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main)

@@ -14,17 +14,11 @@ The GeoTIFFs carry the input's CRS and affine transform. Every file is written a
 file nor touches the outputs of other inputs.
 
 Inputs (one folder, not recursive; extensions case-insensitive):
-  Images: .png .jpg .jpeg (read with PIL, as the dataset builders do) and .tif .tiff (read with
-    rasterio; a TIFF with a CRS is georeferenced). Files whose stem ends with the aux suffixes
-    ('{aux_suffix}', '_aux'), '_mask', '_prob' or '_road' are not inputs (auxiliary rasters,
-    labels, and this module's own outputs when output_dir == input_dir).
-  Bands -> RGB: 1 band = gray (replicated to R, G, B); 2 bands = gray + alpha (alpha dropped);
-    3 = RGB; 4 = RGB + alpha or RGB + NIR (4th band dropped); more bands are an error.
-  Sample values -> uint8 (the dataset builders' 'bit_depth' rule): uint8 is kept; other
-    non-negative integers (e.g. 11-bit values in uint16) map x -> round(x * 255 / (2**b - 1)),
-    where b = bit_depth when given, else the smallest b >= 8 with 2**b > the largest value of the
-    raster's used bands (max 2047 -> b = 11); floats must lie in [0, 1] and map to round(x * 255).
-    Negative values, NaN and out-of-range floats are errors naming the file.
+  Images: .png .jpg .jpeg .tif .tiff, read as the dataset builders read them
+    (cmmp_jax.data.reading: its band rule gives RGB, its 'bit_depth' rule gives uint8; a TIFF
+    with a CRS is georeferenced). Files whose stem ends with the aux suffixes ('{aux_suffix}',
+    '_aux'), '_mask', '_prob' or '_road' are not inputs (auxiliary rasters, labels, and this
+    module's own outputs when output_dir == input_dir).
 
 Auxiliary raster of an image, first match wins:
   1. A raster file `{base}{suffix}{ext}` in aux_dir (default: the image's folder), where base is
@@ -33,17 +27,17 @@ Auxiliary raster of an image, first match wins:
      `0_8_gps.png` / `0_8_gps.jpg` (BJRoad; pass aux_dir for the release's separate gps/ folder),
      `area.tif` with `area_aux.tif`; aux_suffix='' with aux_dir='depth_lpu/' pairs TLCGIS's
      rgb/{id}.png with depth_lpu/{id}.png. Two matching files are an error (ambiguous).
-     Values go to uint8 by the rule above; when aux_channels == 1 a colour file becomes luma
-     0.299 R + 0.587 G + 0.114 B (PIL's 'L', as the builders and OpenCV's IMREAD_GRAYSCALE do)
-     and a gray + alpha file drops alpha.
+     It becomes uint8 (H, W, aux_channels) by reading.to_channels_uint8 (for aux_channels == 1
+     a colour file becomes luma and a gray + alpha file drops alpha, as in the builders).
   2. With gps_csv: a trajectory heat-map rendered on the fly (heatmap.render_heatmap, then
-     heatmap_to_uint8, as the builders store it) from every GPS point of the CSV file(s) (WGS84
-     lon/lat; Porto/Kaggle POLYLINE format, or any CSV with lon/lat columns named lon, longitude,
-     lng or x / lat, latitude or y, case-insensitive). Points are projected with the image's
-     georeference: a GeoTIFF's CRS and transform (geo.lonlat_to_raster_pixel, any CRS), else a
-     bounds sidecar `{stem}.bounds.json` (or `{base}.bounds.json`) holding lon/lat degrees as
-     {"west": .., "south": .., "east": .., "north": ..} or [west, south, east, north]
-     (heatmap.lonlat_to_pixel, north-up). Points outside the image are dropped and counted.
+     heatmap_to_uint8, as the builders store it) from every GPS point of the CSV file(s)
+     (reading.read_gps_csv: WGS84 lon/lat; Porto/Kaggle POLYLINE format, or any CSV with lon/lat
+     columns named lon, longitude, lng or x / lat, latitude or y, case-insensitive). Points are
+     projected with the image's georeference: a GeoTIFF's CRS and transform
+     (geo.lonlat_to_raster_pixel, any CRS), else a bounds sidecar `{stem}.bounds.json` (or
+     `{base}.bounds.json`) holding lon/lat degrees as {"west": .., "south": .., "east": ..,
+     "north": ..} or [west, south, east, north] (heatmap.lonlat_to_pixel, north-up). Points
+     outside the image are dropped and counted.
   3. With blank_aux=True: all zeros (image-only prediction), stated in the log.
   Otherwise the image fails with an error naming it and the file names tried.
 
@@ -60,67 +54,43 @@ larger mosaics.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import json
-import math
 import numbers
 import os
 import pathlib
 import tempfile
 import time
-import warnings
 from typing import Any, Callable, Sequence
 
 import cv2
+import jax
 import numpy as np
-import rasterio
-import rasterio.errors
 from PIL import Image
 
-from cmmp_jax import inference
+from cmmp_jax import evaluate, inference, reporting, sharding, steps
+from cmmp_jax.data import sources
 from cmmp_jax.data import geo as geo_lib
 from cmmp_jax.data import heatmap as heatmap_lib
 from cmmp_jax.data import pipeline
+from cmmp_jax.data import reading
 
 Forward = inference.Forward
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
-TIFF_EXTENSIONS = ('.tif', '.tiff')
 # Image stems ending in one of these pair with aux files named after the stem without it.
 IMAGE_STEM_SUFFIXES = ('_sat', '_rgb')
 GENERIC_AUX_SUFFIX = '_aux'
 # Stems that are never inputs besides the aux suffixes: labels and this module's outputs.
 NON_INPUT_STEM_SUFFIXES = ('_mask', '_prob', '_road')
 BOUNDS_SIDECAR_SUFFIX = '.bounds.json'
-LON_COLUMNS = ('lon', 'longitude', 'lng', 'x')
-LAT_COLUMNS = ('lat', 'latitude', 'y')
 ON_ERROR_CHOICES = ('raise', 'skip')
-
-# PIL modes read as they are (np.asarray gives uint8, uint16, int32 or float32 samples).
-_PIL_DIRECT_MODES = ('L', 'LA', 'RGB', 'RGBA', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')
-# PIL modes converted first: bilevel to 0/255 gray, palette and other colour spaces to RGB(A).
-_PIL_CONVERSIONS = {'1': 'L', 'P': 'RGBA', 'PA': 'RGBA', 'CMYK': 'RGB', 'YCbCr': 'RGB',
-                    'LAB': 'RGB', 'HSV': 'RGB', 'RGBX': 'RGB', 'RGBa': 'RGBA', 'La': 'LA'}
 
 
 class PredictInputError(ValueError):
   """An input image, auxiliary raster, GPS table or bounds sidecar is missing, unreadable or
-  inconsistent with its image; the message names the file(s)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Raster:
-  """A raster file as stored.
-
-  pixels: (H, W, C) samples in the file's dtype, bands last (RGB order for PNG/JPEG).
-  geo: the georeference of a TIFF with a CRS, else None.
-  path: the file.
-  """
-  pixels: np.ndarray
-  geo: geo_lib.GeoInfo | None
-  path: pathlib.Path
+  inconsistent with its image; the message names the file(s). A reading.ReadError of an input
+  is raised as this error, from it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,143 +106,6 @@ class TileInputs:
   aux: np.ndarray
   geo: geo_lib.GeoInfo | None
   aux_source: str
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading rasters.
-
-
-def read_raster(path) -> Raster:
-  """Reads a PNG/JPEG (PIL) or TIFF (rasterio) fully.
-
-  Returns:
-    Raster with pixels (H, W, C) in the stored dtype; geo only for a TIFF with a CRS.
-
-  Raises:
-    PredictInputError: missing file, unknown extension, or a file that cannot be decoded.
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise PredictInputError(f'{path}: file not found')
-  extension = path.suffix.lower()
-  if extension not in IMAGE_EXTENSIONS:
-    raise PredictInputError(f'{path}: unsupported extension {path.suffix!r}; expected one of '
-                            f'{IMAGE_EXTENSIONS}')
-  if extension in TIFF_EXTENSIONS:
-    return _read_tiff(path)
-  return Raster(pixels=_read_pil(path), geo=None, path=path)
-
-
-def _read_tiff(path: pathlib.Path) -> Raster:
-  with warnings.catch_warnings():
-    # A plain TIFF without georeference is a valid input; rasterio warns about it.
-    warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
-    try:
-      pixels, geo = geo_lib.read_geotiff(path)
-    except geo_lib.GeoTiffError as error:
-      raise PredictInputError(str(error)) from error
-  if pixels.ndim != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
-    raise PredictInputError(f'{path}: empty raster of shape {pixels.shape}')
-  return Raster(pixels=pixels, geo=geo if geo.crs is not None else None, path=path)
-
-
-def _read_pil(path: pathlib.Path) -> np.ndarray:
-  try:
-    with Image.open(path) as opened:
-      opened.load()  # decode now so that truncated files fail here
-      image = opened
-      if image.mode in _PIL_CONVERSIONS:
-        image = image.convert(_PIL_CONVERSIONS[image.mode])
-      if image.mode not in _PIL_DIRECT_MODES:
-        raise PredictInputError(f'{path}: unsupported PIL image mode {image.mode!r}')
-      pixels = np.array(image)
-  except PredictInputError:
-    raise
-  except (OSError, ValueError, SyntaxError) as error:
-    # PIL raises UnidentifiedImageError (an OSError) for non-images, OSError for truncated
-    # data and SyntaxError/ValueError for some malformed headers.
-    raise PredictInputError(f'{path}: cannot decode image ({error})') from error
-  if pixels.ndim == 2:
-    pixels = pixels[..., None]
-  if pixels.shape[0] == 0 or pixels.shape[1] == 0:
-    raise PredictInputError(f'{path}: empty image of shape {pixels.shape}')
-  return pixels
-
-
-def samples_to_uint8(samples: np.ndarray, path, *, bit_depth: int | None = None) -> np.ndarray:
-  """Maps raster samples to uint8 by the module's documented rule.
-
-  Args:
-    samples: (H, W, C) array of any integer, bool or float dtype.
-    path: the file they came from (named in errors).
-    bit_depth: integer data's bit depth b (x -> round(x * 255 / (2**b - 1)), clipped); None
-      picks the smallest b >= 8 that holds the largest sample.
-
-  Returns:
-    uint8 array of the same shape. uint8 input is returned unchanged when bit_depth is None or 8.
-  """
-  if bit_depth is not None and (isinstance(bit_depth, bool) or not isinstance(bit_depth, int)
-                                or not 1 <= bit_depth <= 32):
-    raise PredictInputError(f'bit_depth must be an integer in [1, 32] or None; got {bit_depth!r}')
-  if samples.dtype == np.bool_:
-    return samples.astype(np.uint8) * np.uint8(255)
-  if samples.dtype == np.uint8 and bit_depth in (None, 8):
-    return samples
-  if np.issubdtype(samples.dtype, np.integer):
-    if samples.size and samples.min() < 0:
-      raise PredictInputError(f'{path}: negative sample values (min {samples.min()}); cannot '
-                              'map them to 8 bits')
-    bits = bit_depth
-    if bits is None:
-      largest = int(samples.max()) if samples.size else 0
-      bits = max(8, largest.bit_length())
-    full_scale = float(2**bits - 1)
-    scaled = np.clip(samples.astype(np.float64) / full_scale, 0.0, 1.0) * 255.0
-    return np.rint(scaled).astype(np.uint8)
-  if np.issubdtype(samples.dtype, np.floating):
-    if not np.all(np.isfinite(samples)):
-      raise PredictInputError(f'{path}: raster contains NaN or infinity')
-    if samples.size and (samples.min() < 0 or samples.max() > 1):
-      raise PredictInputError(
-          f'{path}: float samples must lie in [0, 1], got [{samples.min()}, {samples.max()}]; '
-          'convert the raster to 8 bits first')
-    return np.rint(samples.astype(np.float64) * 255.0).astype(np.uint8)
-  raise PredictInputError(f'{path}: unsupported sample type {samples.dtype}')
-
-
-def image_to_rgb_uint8(raster: Raster, *, bit_depth: int | None = None) -> np.ndarray:
-  """Raster -> uint8 (H, W, 3) RGB (band and value rules in the module docstring)."""
-  n_bands = raster.pixels.shape[2]
-  if n_bands in (1, 2):
-    selected = raster.pixels[..., :1]  # gray, or gray + alpha
-  elif n_bands in (3, 4):
-    selected = raster.pixels[..., :3]  # RGB, RGB + alpha or RGB + NIR
-  else:
-    raise PredictInputError(f'{raster.path}: {n_bands} bands; expected 1 (gray), 2 (gray + '
-                            'alpha), 3 (RGB) or 4 (RGB + alpha/NIR)')
-  rgb = samples_to_uint8(selected, raster.path, bit_depth=bit_depth)
-  if rgb.shape[2] == 1:
-    rgb = np.repeat(rgb, 3, axis=2)
-  return np.ascontiguousarray(rgb)
-
-
-def aux_to_uint8(raster: Raster, *, aux_channels: int) -> np.ndarray:
-  """Raster -> uint8 (H, W, aux_channels) auxiliary input.
-
-  A file with exactly aux_channels bands is kept; for aux_channels == 1 a gray + alpha file
-  drops alpha and an RGB(A) file becomes luma (PIL 'L': 0.299 R + 0.587 G + 0.114 B).
-  """
-  values = samples_to_uint8(raster.pixels, raster.path)
-  n_bands = values.shape[2]
-  if n_bands == aux_channels:
-    return np.ascontiguousarray(values)
-  if aux_channels == 1 and n_bands == 2:
-    return np.ascontiguousarray(values[..., :1])
-  if aux_channels == 1 and n_bands in (3, 4):
-    luma = Image.fromarray(np.ascontiguousarray(values[..., :3])).convert('L')
-    return np.asarray(luma, dtype=np.uint8)[..., None]
-  raise PredictInputError(f'{raster.path}: auxiliary raster has {n_bands} band(s); the model '
-                          f'expects aux_channels={aux_channels}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +131,7 @@ def _stem_bases(stem: str) -> list[str]:
 
 
 def _is_input_name(path: pathlib.Path, aux_suffix: str) -> bool:
-  if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith('.'):
+  if path.suffix.lower() not in reading.IMAGE_EXTENSIONS or path.name.startswith('.'):
     return False
   excluded = [s for s in _aux_suffixes(aux_suffix) if s] + list(NON_INPUT_STEM_SUFFIXES)
   return not any(path.stem.endswith(suffix) for suffix in excluded)
@@ -321,7 +154,8 @@ def find_inputs(input_path, *, aux_suffix: str = '_gps') -> list[pathlib.Path]:
     raise PredictInputError(f'{input_path}: input folder or file not found')
   images = sorted(p for p in input_path.iterdir() if p.is_file() and _is_input_name(p, aux_suffix))
   if not images:
-    raise PredictInputError(f'{input_path}: no input images ({", ".join(IMAGE_EXTENSIONS)}; '
+    extensions = ', '.join(reading.IMAGE_EXTENSIONS)
+    raise PredictInputError(f'{input_path}: no input images ({extensions}; '
                             f'stems ending in {_aux_suffixes(aux_suffix)} or '
                             f'{list(NON_INPUT_STEM_SUFFIXES)} are not inputs)')
   return images
@@ -332,7 +166,7 @@ def _files_by_stem(folder: pathlib.Path) -> dict[str, list[pathlib.Path]]:
   index: dict[str, list[pathlib.Path]] = {}
   if folder.is_dir():
     for path in sorted(folder.iterdir()):
-      if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+      if path.is_file() and path.suffix.lower() in reading.IMAGE_EXTENSIONS:
         index.setdefault(path.stem, []).append(path)
   return index
 
@@ -401,84 +235,7 @@ def read_bounds_sidecar(path) -> tuple[float, float, float, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# GPS records.
-
-
-def _find_column(header: Sequence[str], candidates: Sequence[str], path, what: str) -> str:
-  lowered = {name.strip().lower(): name for name in header}
-  for candidate in candidates:
-    if candidate in lowered:
-      return lowered[candidate]
-  raise PredictInputError(f'{path}: no {what} column (tried {", ".join(candidates)}, '
-                          f'case-insensitive); header is {list(header)}')
-
-
-def read_gps_lonlat(csv_paths) -> tuple[np.ndarray, np.ndarray]:
-  """Every GPS point of one or more CSV files as WGS84 degrees.
-
-  Args:
-    csv_paths: a path or a sequence of paths. A file whose header has a POLYLINE column is read
-      as Porto/Kaggle taxi data (geo.parse_porto_polylines); any other needs lon and lat columns
-      (names in LON_COLUMNS / LAT_COLUMNS, case-insensitive).
-
-  Returns:
-    (lon, lat) float64 (N,) arrays, files concatenated in the given order.
-
-  Raises:
-    PredictInputError: missing/empty file, missing column, a value that is not a finite number
-      in lon [-180, 180] / lat [-90, 90]; the message names the file (and line).
-  """
-  if isinstance(csv_paths, (str, os.PathLike)):
-    csv_paths = [csv_paths]
-  lons, lats = [], []
-  for path in (pathlib.Path(p) for p in csv_paths):
-    lon, lat = _read_one_gps_csv(path)
-    lons.append(lon)
-    lats.append(lat)
-  if not lons:
-    raise PredictInputError('gps_csv names no file')
-  return np.concatenate(lons), np.concatenate(lats)
-
-
-def _read_one_gps_csv(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-  if not path.is_file():
-    raise PredictInputError(f'{path}: GPS CSV not found')
-  try:
-    with open(path, newline='', encoding='utf-8') as handle:
-      header = next(csv.reader(handle), None)
-  except (OSError, UnicodeDecodeError, csv.Error) as error:
-    raise PredictInputError(f'{path}: cannot read GPS CSV ({error})') from error
-  if not header:
-    raise PredictInputError(f'{path}: GPS CSV is empty')
-  if 'POLYLINE' in [name.strip().upper() for name in header]:
-    try:
-      _, lon, lat, _ = geo_lib.parse_porto_polylines(path)
-    except geo_lib.TrajectoryFormatError as error:
-      raise PredictInputError(str(error)) from error
-    return lon, lat
-  lon_name = _find_column(header, LON_COLUMNS, path, 'longitude')
-  lat_name = _find_column(header, LAT_COLUMNS, path, 'latitude')
-  lons, lats = [], []
-  with open(path, newline='', encoding='utf-8') as handle:
-    reader = csv.DictReader(handle)
-    try:
-      for record in reader:
-        try:
-          lon, lat = float(record[lon_name]), float(record[lat_name])
-        except (TypeError, ValueError):
-          raise PredictInputError(
-              f'{path}:{reader.line_num}: {lon_name}/{lat_name} are not numbers: '
-              f'{record[lon_name]!r}, {record[lat_name]!r}') from None
-        if not (math.isfinite(lon) and math.isfinite(lat)):
-          raise PredictInputError(f'{path}:{reader.line_num}: NaN/inf coordinate')
-        if abs(lon) > 180 or abs(lat) > 90:
-          raise PredictInputError(f'{path}:{reader.line_num}: ({lon}, {lat}) is outside lon '
-                                  '[-180, 180] / lat [-90, 90] (are the columns swapped?)')
-        lons.append(lon)
-        lats.append(lat)
-    except csv.Error as error:
-      raise PredictInputError(f'{path}:{reader.line_num}: {error}') from error
-  return np.asarray(lons, np.float64), np.asarray(lats, np.float64)
+# GPS heat-maps.
 
 
 def render_gps_aux(lon: np.ndarray, lat: np.ndarray, height: int, width: int, *,
@@ -647,7 +404,7 @@ def write_prediction(output_dir, stem: str, probabilities: np.ndarray, *,
 # Loading one input.
 
 
-def _check_aligned(image: Raster, aux: Raster) -> None:
+def _check_aligned(image: reading.Raster, aux: reading.Raster) -> None:
   if image.pixels.shape[:2] != aux.pixels.shape[:2]:
     raise PredictInputError(
         f'{aux.path}: auxiliary raster is {aux.pixels.shape[0]} x {aux.pixels.shape[1]} pixels '
@@ -672,8 +429,8 @@ def load_tile(image_path, *, aux_channels: int = 1, aux_suffix: str = '_gps', au
     image_path: the image file.
     aux_channels: channels C the model's aux input has.
     aux_suffix, aux_dir: where the aux raster file is looked for.
-    gps_lonlat: (lon, lat) degrees of GPS points (read_gps_lonlat) to render when there is no
-      aux file; needs aux_channels == 1.
+    gps_lonlat: (lon, lat) degrees of GPS points (reading.read_gps_csv) to render when there is
+      no aux file; needs aux_channels == 1.
     blank_aux: use zeros when there is neither an aux file nor GPS.
     bit_depth: image bit depth for non-uint8 images (None: from the data).
 
@@ -681,8 +438,11 @@ def load_tile(image_path, *, aux_channels: int = 1, aux_suffix: str = '_gps', au
     PredictInputError: unreadable files, no auxiliary source, size or georeference mismatch.
   """
   image_path = pathlib.Path(image_path)
-  image_raster = read_raster(image_path)
-  image = image_to_rgb_uint8(image_raster, bit_depth=bit_depth)
+  try:
+    image_raster = reading.read_raster(image_path)
+    image = reading.to_rgb_uint8(image_raster, bit_depth=bit_depth)
+  except reading.ReadError as error:
+    raise PredictInputError(str(error)) from error
   height, width = image.shape[:2]
 
   geo = image_raster.geo
@@ -694,9 +454,15 @@ def load_tile(image_path, *, aux_channels: int = 1, aux_suffix: str = '_gps', au
 
   aux_path = find_aux_file(image_path, aux_suffix=aux_suffix, aux_dir=aux_dir, _index=_aux_index)
   if aux_path is not None:
-    aux_raster = read_raster(aux_path)
+    try:
+      aux_raster = reading.read_raster(aux_path)
+    except reading.ReadError as error:
+      raise PredictInputError(str(error)) from error
     _check_aligned(image_raster, aux_raster)
-    aux = aux_to_uint8(aux_raster, aux_channels=aux_channels)
+    try:
+      aux = reading.to_channels_uint8(aux_raster, aux_channels)
+    except reading.ReadError as error:
+      raise PredictInputError(f'{error}; the model expects aux_channels={aux_channels}') from error
     return TileInputs(image=image, aux=aux, geo=geo, aux_source=f'file {aux_path}')
 
   if gps_lonlat is not None:
@@ -721,7 +487,7 @@ def load_tile(image_path, *, aux_channels: int = 1, aux_suffix: str = '_gps', au
     return TileInputs(image=image, aux=aux, geo=geo, aux_source='blank (all-zero aux)')
 
   folder = pathlib.Path(aux_dir) if aux_dir is not None else image_path.parent
-  tried = ', '.join(f'{name}{{{",".join(IMAGE_EXTENSIONS)}}}'
+  tried = ', '.join(f'{name}{{{",".join(reading.IMAGE_EXTENSIONS)}}}'
                     for name in aux_candidate_names(image_path, aux_suffix))
   raise PredictInputError(
       f'{image_path}: no auxiliary raster found in {folder} (tried {tried}); give gps_csv to '
@@ -819,7 +585,10 @@ def predict_directory(forward: Forward, input_dir, output_dir, *, window: int, o
     if aux_channels != 1:
       raise PredictInputError(f'gps_csv renders 1-channel heat-maps but aux_channels='
                               f'{aux_channels}')
-    gps_lonlat = read_gps_lonlat(gps_csv)
+    try:
+      gps_lonlat = reading.read_gps_csv(gps_csv)
+    except reading.ReadError as error:
+      raise PredictInputError(str(error)) from error
     log(f'GPS: {gps_lonlat[0].size} points from {gps_csv}')
 
   aux_indexes: dict[pathlib.Path, dict[str, list[pathlib.Path]]] = {}
@@ -863,17 +632,13 @@ def predict_from_checkpoint(config, workdir) -> dict:
   config.predict.input_dir into config.predict.output_dir (default WORKDIR/predictions). With no
   input_dir, predicts the first config.predict.num_examples tiles of the test split (the demo).
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  from cmmp_jax import train  # pylint: disable=import-outside-toplevel
   # Prediction is embarrassingly parallel: each process predicts its own share of the inputs on
   # its own devices (windows sharded over them, weights replicated), with no cross-process
   # computation, so processes never wait for each other.
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('data',))
-  model, state, step, _ = train.restore_for_inference(config, workdir, mesh=mesh)
+  mesh = sharding.make_mesh(jax.local_devices())
+  model, state, step, _ = evaluate.restore_for_inference(config, workdir, mesh=mesh)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  windows = train.batch_sharding(mesh)
-  apply = jax.jit(lambda v, image, aux: jax.nn.sigmoid(model.apply(v, image, aux, train=False)),
-                  in_shardings=(train.replicated(mesh), windows, windows), out_shardings=windows)
+  apply = steps.make_predict_fn(model, mesh)
   forward = lambda image, aux: apply(variables, image, aux)
   pcfg = config.predict
   window = pcfg.window or config.data.input_size or 512
@@ -887,9 +652,10 @@ def predict_from_checkpoint(config, workdir) -> dict:
         forward, pcfg.input_dir, output_dir, window=window, overlap=pcfg.overlap,
         batch_size=batch_size, scaling=config.data.scaling,
         aux_channels=config.model.aux_channels, gps_csv=pcfg.gps_csv or None,
-        blank_aux=pcfg.blank_aux, threshold=pcfg.threshold, tta=config.eval.tta, **shard)
+        blank_aux=pcfg.blank_aux, threshold=pcfg.threshold, tta=config.eval.tta,
+        log=reporting.console, **shard)
   else:
-    source = train.dataset_source(config, config.data.test_split)
+    source = sources.dataset_source(config, config.data.test_split)
     written = []
     for i in range(shard['shard_index'], min(pcfg.num_examples, len(source)),
                    shard['shard_count']):
@@ -911,7 +677,11 @@ def predict_from_checkpoint(config, workdir) -> dict:
       written += write_prediction(output_dir, tile_id, probs, threshold=pcfg.threshold)
       write_png_atomic(output_dir / f'{tile_id}_label.png', (label[..., 0] * 255).astype(np.uint8))
     summary = {'written': [str(p) for p in written]}
-  who = f" by process {jax.process_index()}" if jax.process_count() > 1 else ""
-  print(f"predictions of step {step} written to {output_dir} "
-        f"({len(summary['written'])} files{who})", flush=True)
+  who = f' by process {jax.process_index()}' if jax.process_count() > 1 else ''
+  message = (f"predictions of step {step} written to {output_dir} "
+             f"({len(summary['written'])} files{who})")
+  if jax.process_count() > 1:
+    print(message, flush=True)  # every process reports its own share
+  else:
+    reporting.console(message)
   return summary

@@ -6,7 +6,7 @@ Build the data first: `python -m data_builders.build bjroad --config release --m
 --data_dir=data`. Presets: the paper's table rows, e.g. `configs/bjroad.py:image_only`,
 `:local_gate`, `:spp4`, `:resunet`, `:foggy`.
 """
-from configs import default
+from configs import default, presets
 
 
 def get_config(preset: str = ""):
@@ -20,5 +20,4 @@ def get_config(preset: str = ""):
   config.num_epochs = 30
   config.predict.window = 1024
   config.predict.overlap = 128
-  from cmmp_jax import configs  # pylint: disable=import-outside-toplevel
-  return configs.finalize(config, preset)
+  return presets.apply(config, preset)

@@ -2,10 +2,14 @@
 
 Dataset configs (bjroad.py, porto.py, tlcgis.py, synthetic.py) start from this one. Presets are
 chosen as `--config=configs/bjroad.py:NAME` (several joined by commas, applied in order; see
-`cmmp_jax.configs.PRESETS` for the rows of the paper's tables) and any field is overridden by
-`--config.a.b=value`. The returned ConfigDict is locked: a misspelt field is an error.
+`configs/presets.py` for the rows of the paper's tables) and any field is overridden by
+`--config.a.b=value`. The returned ConfigDict is locked: a misspelt field is an error. In Python:
+`from configs import bjroad; config = bjroad.get_config("image_only")`; the entry points check the
+values with `cmmp_jax.config_checks.validate(config)`.
 """
 import ml_collections
+
+from configs import presets
 
 
 def get_config(preset: str = ""):
@@ -89,5 +93,4 @@ def get_config(preset: str = ""):
       blank_aux=False,          # allow inputs without any aux (an all-zero raster)
   ))
 
-  from cmmp_jax import configs  # pylint: disable=import-outside-toplevel
-  return configs.finalize(config, preset)
+  return presets.apply(config, preset)

@@ -3,7 +3,7 @@
 Select the fold with a preset (`configs/porto.py:fold3`) or `--config.data.config=fold_3`.
 Build: `python -m data_builders.build porto --config fold_1 --manual_dir=... --data_dir=data`.
 """
-from configs import default
+from configs import default, presets
 
 
 def get_config(preset: str = ""):
@@ -14,5 +14,4 @@ def get_config(preset: str = ""):
   config.data.num_workers = 4
   config.num_epochs = 50
   config.predict.window = 512
-  from cmmp_jax import configs  # pylint: disable=import-outside-toplevel
-  return configs.finalize(config, preset)
+  return presets.apply(config, preset)

@@ -1,10 +1,11 @@
 """The embedded default: the procedural synthetic city, a tiny CMMPNet, CPU-sized.
 
-`python main.py --config=configs/synthetic.py --workdir=runs/demo` builds the dataset if absent,
-trains, evaluates and predicts in a few minutes on a 2-core CPU. Presets as in default.py, e.g.
+`python main.py --config=configs/synthetic.py --workdir=runs/demo` builds the dataset if absent and
+trains in a few minutes on a 2-core CPU; `make demo` then evaluates (`--mode=eval`) and predicts
+(`--mode=predict`) with the same workdir. Presets as in default.py, e.g.
 `configs/synthetic.py:image_only`.
 """
-from configs import default
+from configs import default, presets
 
 
 def get_config(preset: str = ""):
@@ -25,5 +26,4 @@ def get_config(preset: str = ""):
   config.log_every_steps = 8
   config.predict.window = 128
   config.predict.overlap = 32
-  from cmmp_jax import configs  # pylint: disable=import-outside-toplevel
-  return configs.finalize(config, preset)
+  return presets.apply(config, preset)

@@ -3,7 +3,7 @@ resized to 512 as the release does (evaluated against the 500x500 labels), 50 ep
 
 Build: `python -m data_builders.build tlcgis --manual_dir=... --data_dir=data`.
 """
-from configs import default
+from configs import default, presets
 
 
 def get_config(preset: str = ""):
@@ -15,5 +15,4 @@ def get_config(preset: str = ""):
   config.data.num_workers = 4
   config.num_epochs = 50
   config.predict.window = 512
-  from cmmp_jax import configs  # pylint: disable=import-outside-toplevel
-  return configs.finalize(config, preset)
+  return presets.apply(config, preset)

@@ -33,8 +33,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-# Extensions tried, in this order, when a layout allows several image formats.
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
+from cmmp_jax.data import reading
+
 # Channel counts that PNG (and the TFDS Image feature) can hold.
 PNG_CHANNELS = (1, 3, 4)
 NAN_BOUNDS = np.full((4,), np.nan, dtype=np.float32)
@@ -65,7 +65,8 @@ class MissingFileError(DatasetFileError, FileNotFoundError):
 
 
 class UnreadableImageError(DatasetFileError):
-  """An image file exists but cannot be decoded (corrupt, truncated, odd mode)."""
+  """An image file exists but cannot be decoded (corrupt, truncated, odd mode) or holds values
+  that cannot become uint8 (a reading.ReadError, re-raised as this error)."""
 
 
 class SizeMismatchError(DatasetFileError):
@@ -194,17 +195,19 @@ def make_example(
 
 
 def read_image(path: os.PathLike | str, *, mode: str) -> np.ndarray:
-  """Reads an 8-bit image file fully, with errors that name the file.
+  """Reads an image file fully (cmmp_jax.data.reading), with errors that name the file.
 
   Args:
-    path: image file (any format PIL reads: PNG, JPEG, TIFF, ...).
-    mode: 'rgb' -> uint8 (H, W, 3) (gray and palette images are expanded,
-      alpha is dropped); 'gray' -> uint8 (H, W, 1) (colour images are turned
-      into luma, 0.299 R + 0.587 G + 0.114 B, as OpenCV's IMREAD_GRAYSCALE does).
+    path: image file, an extension of reading.IMAGE_EXTENSIONS.
+    mode: 'rgb' -> uint8 (H, W, 3) (reading.to_rgb_uint8: gray is replicated,
+      alpha dropped); 'gray' -> uint8 (H, W, 1) (reading.to_channels_uint8:
+      colour becomes luma, 0.299 R + 0.587 G + 0.114 B, as OpenCV's
+      IMREAD_GRAYSCALE does). Samples wider than 8 bits follow reading's
+      'bit_depth' rule.
 
   Raises:
     MissingFileError: the file does not exist.
-    UnreadableImageError: not an image, truncated, or not 8 bits per sample.
+    UnreadableImageError: not an image, truncated, or values reading cannot map.
   """
   path = pathlib.Path(path)
   if mode not in ('rgb', 'gray'):
@@ -212,24 +215,12 @@ def read_image(path: os.PathLike | str, *, mode: str) -> np.ndarray:
   if not path.is_file():
     raise MissingFileError(path)
   try:
-    with Image.open(path) as opened:
-      opened.load()  # decode now so truncated files fail here, not later
-      image = opened
-      if image.mode not in ('1', 'L', 'P', 'RGB', 'RGBA', 'LA', 'CMYK', 'YCbCr',
-                            'PA'):
-        raise UnreadableImageError(
-            path, f'expected an 8-bit image, got PIL mode {image.mode!r}')
-      converted = image.convert('RGB' if mode == 'rgb' else 'L')
-  except DatasetFileError:
-    raise
-  except (OSError, ValueError, SyntaxError) as error:
-    # PIL raises UnidentifiedImageError (an OSError) for non-images, OSError for
-    # truncated data and SyntaxError/ValueError for some malformed headers.
-    raise UnreadableImageError(path, f'cannot decode image ({error})') from error
-  array = np.asarray(converted, dtype=np.uint8)
-  if array.ndim == 2:
-    array = array[..., None]
-  return array
+    raster = reading.read_raster(path)
+    if mode == 'rgb':
+      return reading.to_rgb_uint8(raster)
+    return reading.to_channels_uint8(raster, 1)
+  except reading.ReadError as error:
+    raise UnreadableImageError(error.path, error.problem) from error
 
 
 def binarize_mask(
@@ -281,7 +272,7 @@ def check_same_size(rasters: Mapping[str, np.ndarray]) -> None:
 def find_tile_file(
     directory: os.PathLike | str,
     stems: Sequence[str],
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    extensions: Sequence[str] = reading.IMAGE_EXTENSIONS,
 ) -> pathlib.Path:
   """The one file named {stem}{ext} in directory, for the given stems/extensions.
 
@@ -330,7 +321,7 @@ def read_id_list(path: os.PathLike | str) -> list[str]:
       continue
     tile_id = tile_id.replace('\\', '/').rsplit('/', 1)[-1]  # 'rgb/a.png' -> 'a.png'
     stem, ext = os.path.splitext(tile_id)
-    if ext.lower() in IMAGE_EXTENSIONS:
+    if ext.lower() in reading.IMAGE_EXTENSIONS:
       tile_id = stem
     ids.append(tile_id)
   if not ids:

@@ -4,6 +4,8 @@ bfloat16 and remat variants of a train step agree with the float32 one. No timin
 import json
 import math
 
+from absl import app
+from absl import flags
 import flax
 from flax import traverse_util
 import jax
@@ -13,14 +15,25 @@ import pytest
 
 from benchmarks import run as run_lib
 from benchmarks import train_step as step_lib
-from cmmp_jax import train
+from cmmp_jax import sharding
+from cmmp_jax import state as state_lib
 
 # The cheapest model to compile (one branch, one block per layer): the suite's logic does not
 # depend on which model it times.
-TINY = ["--model", "image_only", "--size", "64", "--width", "0.125", "--depths", "1,1,1,1",
-        "--batch", "2", "--steps", "2", "--warmup", "1"]
+TINY = ["--config.model.name=image_only", "--config.model.width=0.125",
+        "--config.model.depths=(1,1,1,1)", "--size=64", "--batch=2", "--steps=2", "--warmup=1"]
 TINY_SPEC = step_lib.StepSpec(model="image_only", width=0.125, depths=(1, 1, 1, 1), size=64,
                               batch=2)
+
+
+def _command_line(*args):
+  """benchmarks.run's command line `prog ARGS`, parsed on a fresh FlagValues as the program
+  parses it: (spec, options)."""
+  argv = ["benchmarks.run", *args]
+  flag_values = flags.FlagValues()
+  run_lib.define_flags(flag_values, argv)
+  flag_values(argv)
+  return step_lib.spec_from_flags(flag_values), run_lib.options_from_flags(flag_values, argv)
 
 
 def _positive_finite(value, name):
@@ -29,11 +42,13 @@ def _positive_finite(value, name):
 
 def test_entry_point_runs_end_to_end_and_writes_the_report(tmp_path):
   path = tmp_path / "report.json"
-  returned = run_lib.main(TINY + [
-      "--sections", "train,eval,pipeline,render,scaling", "--json", str(path),
-      "--pipeline_workers", "0", "--pipeline_examples", "4",
-      "--render_points", "20000", "--render_tiles", "4", "--render_size", "64",
-      "--scaling_devices", "2", "--scaling_batch", "2"])
+  spec, options = _command_line(
+      *TINY, "--sections=train,eval,pipeline,render,scaling", f"--json={path}",
+      "--pipeline_workers=0", "--pipeline_examples=4",
+      "--render_points=20000", "--render_tiles=4", "--render_size=64",
+      "--scaling_devices=2", "--scaling_batch=2")
+  assert spec == TINY_SPEC
+  returned = run_lib.run(spec, options)
   report = json.loads(path.read_text())
   assert set(report) == {"meta", "train", "eval", "pipeline", "render", "scaling"}
   assert report["meta"]["spec"] == returned["meta"]["spec"]
@@ -122,6 +137,22 @@ def test_search_max_batch_doubles_then_bisects():
     step_lib.search_max_batch(lambda b: True, start=2, cap=1)
 
 
+def test_the_model_comes_from_the_config_with_cpu_defaults_without_a_size():
+  small = step_lib.StepSpec(model="cmmpnet", width=0.25, depths=(1, 1, 1, 1), size=128, batch=2)
+  assert _command_line()[0] == small  # this CPU, no --size: CPU_DEFAULTS
+  # Overrides on the command line still apply; presets and other model fields come along.
+  spec, _ = _command_line("--config=configs/bjroad.py:resunet,bf16", "--config.model.width=0.5",
+                          "--config.model.spp_levels=(1,2)", "--batch=4")
+  assert spec == small.replace(width=0.5, dtype="bfloat16", batch=4, model_extras=(
+      ("backbone", "resunet"), ("spp_levels", (1, 2))))
+  assert spec.config().model.backbone == "resunet" and spec.config().batch_size == 4
+  # With --size, the config's model as it is (here the full ResNet-34 widths and depths).
+  assert _command_line("--size=256")[0] == step_lib.StepSpec(width=1.0, depths=(3, 4, 6, 3),
+                                                             size=256)
+  # The scaling subprocesses get a spec as flags: they parse back to the same spec.
+  assert _command_line(*spec.flags())[0] == spec
+
+
 def test_scaling_environment_replaces_only_the_device_count():
   env = run_lib.simulated_cpu_env(4, {"XLA_FLAGS": "--xla_cpu_foo=1 "
                                       "--xla_force_host_platform_device_count=2", "HOME": "/h"})
@@ -130,11 +161,17 @@ def test_scaling_environment_replaces_only_the_device_count():
 
 
 def test_bad_arguments_and_files_raise_clear_errors(tmp_path):
-  with pytest.raises(SystemExit):
-    run_lib.parse_args(["--sections", "train,warp"])
-  with pytest.raises(SystemExit):
-    run_lib.parse_args(["--sections", "scaling", "--scaling_devices", "1,4",
-                        "--scaling_batch", "6"])
+  with pytest.raises(app.UsageError, match=r"--sections: unknown \['warp'\]"):
+    _command_line("--sections=train,warp")
+  with pytest.raises(app.UsageError, match="--scaling_batch 6 is not divisible by device "
+                     r"counts \[4\]"):
+    _command_line("--sections=scaling", "--scaling_devices=1,4", "--scaling_batch=6")
+  with pytest.raises(flags.IllegalFlagValueError, match="--steps"):
+    _command_line("--steps=0")
+  with pytest.raises(app.UsageError, match="multiple of 32"):
+    _command_line("--size=70")
+  with pytest.raises(app.UsageError, match="config.model.dtype"):
+    _command_line("--config.model.dtype=float16")
   with pytest.raises(step_lib.BenchmarkError, match="multiple of 32"):
     TINY_SPEC.replace(size=70).config()
   with pytest.raises(step_lib.BenchmarkError, match="does not exist"):
@@ -153,7 +190,7 @@ def _one_step(spec, variables, batch_np):
   """(compiled train step, new state, metrics) of one donated step from `variables`."""
   mesh = step_lib.make_mesh()
   model, state = step_lib.make_state(spec, variables, mesh)
-  batch = train.to_global_batch(batch_np, mesh)
+  batch = sharding.to_global_batch(batch_np, mesh)
   compiled = step_lib.make_train_fn(model, spec.config(), mesh).lower(state, batch).compile()
   new_state, metrics = compiled(state, batch)
   return compiled, jax.device_get(new_state), jax.device_get(metrics)
@@ -165,11 +202,11 @@ def _leaves(tree):
 
 def _he_normal_variables(spec, seed=0):
   """Variables of spec's model without compiling its initialiser (seconds on a CPU): shapes
-  from train.abstract_variables, kernels He-normal, BatchNorm scales and variances 1, biases
+  from state.abstract_variables, kernels He-normal, BatchNorm scales and variances 1, biases
   and means 0."""
   rng = np.random.default_rng(seed)
   flat = traverse_util.flatten_dict(
-      flax.core.unfreeze(train.abstract_variables(spec.config(), size=spec.size)))
+      flax.core.unfreeze(state_lib.abstract_variables(spec.config(), size=spec.size)))
   values = {}
   for path, leaf in flat.items():
     if path[-1] == "kernel":

@@ -10,6 +10,7 @@ from flax import traverse_util
 
 from cmmp_jax.models import MODELS, build_model
 from cmmp_jax.models.cmmpnet import CMMPNet
+from cmmp_jax.models.dem import DEMOptions
 from cmmp_jax.models.layers import ConvTranspose
 
 TINY = dict(width=0.125, depths=(1, 1, 1, 1))
@@ -89,7 +90,7 @@ def full_tiny_cmmpnet():
 ])
 def test_dem_ablations_change_tree_and_output(full_tiny_cmmpnet, switch, absent, present):
   image, aux, v_full, out_full = full_tiny_cmmpnet
-  ablated = CMMPNet(**TINY, **switch)
+  ablated = CMMPNet(**TINY, dem=DEMOptions(**switch))
   v_abl = jax.eval_shape(lambda: ablated.init(jax.random.PRNGKey(0), image, aux))
   assert any(absent in p for p in _paths(v_full))
   assert not any(absent in p for p in _paths(v_abl))
@@ -109,7 +110,7 @@ def test_dem_ablations_change_tree_and_output(full_tiny_cmmpnet, switch, absent,
 @pytest.mark.parametrize("levels", [(1,), (1, 2), (1, 2, 4), (1, 2, 4, 8)])
 def test_spp_levels_set_global_fc_inputs(levels):
   image, aux = _inputs(size=32)
-  model = CMMPNet(**TINY, spp_levels=levels)
+  model = CMMPNet(**TINY, dem=DEMOptions(spp_levels=levels))
   v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image, aux))
   c = v["params"]["dem_e4"]["image"]["local_bn"]["scale"].shape[0]
   fc = v["params"]["dem_e4"]["image"]["global_fc"]["kernel"]
@@ -120,7 +121,7 @@ def test_spp_levels_set_global_fc_inputs(levels):
 
 def test_local_kernel_3x3_option_and_aux_channels():
   image, aux = _inputs(size=32, aux_channels=5)
-  model = CMMPNet(**TINY, local_kernel_size=3, aux_channels=5)
+  model = CMMPNet(**TINY, dem=DEMOptions(local_kernel_size=3), aux_channels=5)
   v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image, aux))
   assert v["params"]["dem_e1"]["aux"]["local_conv"]["conv"]["kernel"].shape[:2] == (3, 3)
   assert v["params"]["aux"]["stem"]["conv"]["conv"]["kernel"].shape[2] == 5
@@ -131,9 +132,17 @@ def test_local_kernel_3x3_option_and_aux_channels():
 def test_no_dem_is_late_fusion_and_without_messages_raises():
   image, aux = _inputs()
   with pytest.raises(ValueError, match="use_local or use_global"):
-    _init(CMMPNet(**TINY, use_local=False, use_global=False), image, aux)
+    build_model(dict(use_local=False, use_global=False, **TINY))
   late = build_model(dict(name="late_fusion", **TINY))
   assert not any(p.startswith("dem_") for p in _paths(_init(late, image, aux)))
+
+
+def test_build_model_gathers_the_flat_dem_fields_into_options():
+  model = build_model(dict(spp_levels=[1, 2], local_kernel_size=3, use_gate=False))
+  assert model.dem == DEMOptions(use_gate=False, spp_levels=(1, 2), local_kernel_size=3)
+  assert CMMPNet().dem == DEMOptions() == DEMOptions(True, True, True, (1, 2, 4), 1)
+  # Other models ignore the DEM fields, even ones a DEM would reject.
+  assert build_model(dict(name="late_fusion", use_local=False, use_global=False)).dem == DEMOptions()
 
 
 @pytest.mark.parametrize("k,s,p,op,size", [(3, 2, 1, 1, 5), (4, 2, 1, 0, 6), (3, 2, 1, 1, 4)])

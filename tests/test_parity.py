@@ -176,14 +176,14 @@ def test_adaptive_max_pool_matches_pytorch_bins(h, w, bins):
 def test_convert_cli_writes_a_checkpoint_that_eval_loads(parity, tmp_path):
   """`python -m cmmp_jax.convert` on an .npz state_dict -> Orbax checkpoint -> the restored model
   reproduces the release's logits."""
-  from cmmp_jax import configs, train
+  from cmmp_jax import configs, evaluate
   npz = tmp_path / "release.npz"
   np.savez(npz, **{f"module.{k}": v for k, v in parity["state_dict"].items()})
   workdir = tmp_path / "converted"
   convert.main(["--torch-checkpoint", str(npz), "--workdir", str(workdir),
                 "--config", "configs/bjroad.py"])
   config = configs.load_config("configs/bjroad.py")
-  model, state, step, _ = train.restore_for_inference(config, str(workdir), "best")
+  model, state, step, _ = evaluate.restore_for_inference(config, str(workdir), "best")
   assert step == 0
   with jax.default_matmul_precision("highest"):
     logits = jax.jit(lambda p, s, i, a: model.apply({"params": p, "batch_stats": s}, i, a))(

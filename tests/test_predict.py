@@ -324,12 +324,15 @@ def test_gps_without_georeference_and_bad_csv_are_errors(tmp_path):
                               **SETTINGS)
   bad_csv = tmp_path / 'bad.csv'
   bad_csv.write_text('lon,lat\n1.0,2.0\nabc,3.0\n')
-  with pytest.raises(predict.PredictInputError, match=r'bad\.csv:3: lon/lat are not numbers'):
-    predict.read_gps_lonlat(bad_csv)
+  with pytest.raises(predict.PredictInputError,
+                     match=r'bad\.csv: line 3: lon/lat are not numbers'):
+    predict.predict_directory(aux_forward, tmp_path, tmp_path / 'out', gps_csv=bad_csv,
+                              **SETTINGS)
   no_columns = tmp_path / 'cols.csv'
   no_columns.write_text('a,b\n1,2\n')
   with pytest.raises(predict.PredictInputError, match=r'cols\.csv: no longitude column'):
-    predict.read_gps_lonlat(no_columns)
+    predict.predict_directory(aux_forward, tmp_path, tmp_path / 'out', gps_csv=no_columns,
+                              **SETTINGS)
 
 
 # ----------------------------------------------------------------------------------------------

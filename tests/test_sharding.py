@@ -19,7 +19,7 @@ STEP_SCRIPT = textwrap.dedent("""
     if len(sys.argv) > 3:  # multi-process: coordinator, process id
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
       jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
-    from cmmp_jax import configs, train
+    from cmmp_jax import configs, sharding, state, steps
     config = configs.load_config("configs/synthetic.py", {
         "model.width": 0.125, "model.depths": (1, 1, 1, 1), "batch_size": 8,
         "optimizer.schedule": "constant",
@@ -33,14 +33,15 @@ STEP_SCRIPT = textwrap.dedent("""
              "mask": (rng.uniform(size=(8, 32, 32, 1)) > 0.7).astype(np.float32)}
     n, i = jax.process_count(), jax.process_index()
     local = {k: v[i * 8 // n:(i + 1) * 8 // n] for k, v in batch.items()}
-    mesh = train.make_mesh()
-    model, state = train.init_state(config, (1, 32, 32, 3), (1, 32, 32, 1), 10, mesh)
-    batch = train.to_global_batch(local, mesh)
-    step = train.make_train_step(model, config, mesh).lower(state, batch).compile()
+    mesh = sharding.make_mesh()
+    model, state = state.init_state(config, (1, 32, 32, 3), (1, 32, 32, 1), 10)
+    state = sharding.put_replicated(state, mesh)
+    batch = sharding.to_global_batch(local, mesh)
+    step = steps.make_train_step(model, config, mesh).lower(state, batch).compile()
     if n > 1:
       # Processes compile at different speeds on a loaded machine; meet before the first
       # collective so that gloo's 30 s connection timeout cannot expire (what train does).
-      train._sync_processes("compiled")
+      sharding.sync_processes("compiled")
     losses = []
     for _ in range(2):
       state, metrics = step(state, batch)

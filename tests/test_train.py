@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from cmmp_jax import checkpoint as ckpt_lib
-from cmmp_jax import configs, train
+from cmmp_jax import configs, evaluate, reporting, sharding, steps, train
+from cmmp_jax import state as state_lib
+from cmmp_jax.data import sources
 
 TINY_OVERRIDES = {
     "data.config": "tiny", "num_train_steps": 6, "eval_every_steps": 3,
@@ -23,7 +25,7 @@ def tiny_config(data_dir, **overrides):
 
 
 def params_of(workdir, config, which="latest"):
-  _, state, step, _ = train.restore_for_inference(config, workdir, which)
+  _, state, step, _ = evaluate.restore_for_inference(config, workdir, which)
   return step, jax.device_get(state.params), jax.device_get(state.batch_stats)
 
 
@@ -72,7 +74,7 @@ def test_resume_continues_exactly(trained, tmp_path):
 
 def test_eval_mode_writes_metrics_json(trained):
   config, workdir, _ = trained
-  result = train.evaluate(config, str(workdir), split="test")
+  result = evaluate.evaluate(config, str(workdir), split="test")
   saved = json.loads((workdir / f"eval_test_{result['step']}.json").read_text())
   assert saved["num_tiles"] == 2 and saved["g_iou"] == pytest.approx(result["g_iou"])
   for key in ("g_iou", "a_iou", "mean_tile_iou", "precision", "recall", "f1"):
@@ -99,7 +101,7 @@ def test_checkpoint_of_another_model_is_refused_without_damage(trained):
   before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
   other = tiny_config(config.data.data_dir, **{"model.backbone": "linknet34"})
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="model.backbone"):
-    train.restore_for_inference(other, str(workdir))
+    evaluate.restore_for_inference(other, str(workdir))
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="model.backbone"):
     train.train_and_evaluate(other, str(workdir))
   after = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
@@ -108,7 +110,7 @@ def test_checkpoint_of_another_model_is_refused_without_damage(trained):
 
 def test_missing_dataset_and_config_typos_are_named(tmp_path):
   config = tiny_config(tmp_path / "nowhere", **{"data.build_if_missing": False})
-  with pytest.raises(train.DatasetMissingError, match="python -m data_builders.build synthetic"):
+  with pytest.raises(sources.DatasetMissingError, match="python -m data_builders.build synthetic"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists()
   with pytest.raises(KeyError, match="model.widht"):
@@ -134,7 +136,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(trained, tmp
 
 
 def test_plateau_schedule_follows_the_release():
-  plateau = train.PlateauSchedule(patience=2, factor=10.0, min_lr=1e-3)
+  plateau = state_lib.PlateauSchedule(patience=2, factor=10.0, min_lr=1e-3)
   lr = 0.1
   trace = []
   for value in [0.5, 0.6, 0.6, 0.6, 0.59, 0.7, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]:
@@ -153,7 +155,7 @@ def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch, at_step):
   import os
   import signal
   config, _, _ = trained
-  make_step = train.make_train_step
+  make_step = steps.make_train_step
 
   def make_step_that_gets_preempted(*args, **kwargs):
     step = make_step(*args, **kwargs)
@@ -166,47 +168,48 @@ def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch, at_step):
       return step(state, batch)
     return run
 
-  monkeypatch.setattr(train, "make_train_step", make_step_that_gets_preempted)
+  monkeypatch.setattr(steps, "make_train_step", make_step_that_gets_preempted)
   run = tmp_path / "preempted"
   train.train_and_evaluate(config, str(run))
   assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
       str(at_step)]
   if at_step == 2:  # resuming from either save is the same code path: test it once
-    monkeypatch.setattr(train, "make_train_step", make_step)
+    monkeypatch.setattr(steps, "make_train_step", make_step)
     train.train_and_evaluate(config, str(run))
     assert "6" in [p.name for p in (run / "checkpoints").iterdir()]
 
 
 def test_a_non_finite_step_leaves_the_whole_state_unchanged():
-  """The guard in make_train_step: a NaN input gives a NaN loss; params, Adam moments, BatchNorm
+  """The guard in steps.make_train_step: a NaN input gives a NaN loss; params, Adam moments, BatchNorm
   statistics and the step count stay what they were (and a finite batch does change them)."""
   config = configs.load_config("configs/synthetic.py", {
       "model.name": "image_only", "model.width": 0.125, "model.depths": (1, 1, 1, 1)})
-  mesh = train.make_mesh()
-  model, state = train.init_state(config, (1, 32, 32, 3), (1, 32, 32, 1), 10, mesh)
-  step = train.make_train_step(model, config, mesh)
+  mesh = sharding.make_mesh()
+  model, state = state_lib.init_state(config, (1, 32, 32, 3), (1, 32, 32, 1), 10)
+  state = sharding.put_replicated(state, mesh)
+  step = steps.make_train_step(model, config, mesh)
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32),
            "aux": rng.uniform(-1, 1, (2, 32, 32, 1)).astype(np.float32),
            "mask": (rng.uniform(size=(2, 32, 32, 1)) > 0.7).astype(np.float32)}
-  state, metrics = step(state, train.to_global_batch(batch, mesh))  # Adam moments become nonzero
+  state, metrics = step(state, sharding.to_global_batch(batch, mesh))  # Adam moments become nonzero
   assert bool(metrics["finite"])
   before = jax.device_get(state)
   batch["image"][1, 3, 4, 0] = np.nan
-  state, metrics = step(state, train.to_global_batch(batch, mesh))
+  state, metrics = step(state, sharding.to_global_batch(batch, mesh))
   assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))
   after = jax.device_get(state)
   assert int(after.step) == int(before.step) == 1
   for a, b in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)):
     np.testing.assert_array_equal(a, b)
   batch["image"][1, 3, 4, 0] = 0.0
-  state, metrics = step(state, train.to_global_batch(batch, mesh))
+  state, metrics = step(state, sharding.to_global_batch(batch, mesh))
   assert bool(metrics["finite"]) and int(jax.device_get(state.step)) == 2
   assert not np.array_equal(jax.device_get(state.params["finalconv"]["conv"]["kernel"]),
                             before.params["finalconv"]["conv"]["kernel"])
 
 
 def test_metric_json_is_standard_json_with_null_for_undefined():
-  text = train.to_json({"precision": float("nan"), "g_iou": 0.5, "h": [{"x": float("inf")}]})
+  text = reporting.to_json({"precision": float("nan"), "g_iou": 0.5, "h": [{"x": float("inf")}]})
   assert "NaN" not in text and "Infinity" not in text
   assert json.loads(text) == {"precision": None, "g_iou": 0.5, "h": [{"x": None}]}

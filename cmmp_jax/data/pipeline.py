@@ -42,6 +42,7 @@ import grain
 import jax
 import numpy as np
 
+from cmmp_jax import sharding
 from cmmp_jax.data import augment as augment_lib
 from cmmp_jax.data.augment import AugmentConfig, ExampleError
 
@@ -227,19 +228,6 @@ def _sampler_seed(seed: int) -> int:
   return int(np.random.SeedSequence(int(seed)).generate_state(1, np.uint32)[0])
 
 
-def ensure_absl_flags_parsed() -> None:
-  """Lets absl-flag readers run outside absl.app (scripts, notebooks, pytest): grain's
-  multiprocessing here, orbax's barrier switch in checkpoint.py.
-
-  grain 0.2.18 reads an absl flag while starting worker processes and fails with
-  UnparsedFlagAccessError when flags were never parsed (google/grain#1355, fixed upstream
-  later). Marking them parsed keeps every flag at its default; absl.app still parses argv.
-  """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def _check_scaling(scaling: str) -> None:
   if scaling not in SCALINGS:
     raise PipelineError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
@@ -318,7 +306,7 @@ def make_train_loader(
     read_options = grain.ReadOptions(
         num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES * local_batch_size)
   if num_workers > 0:
-    ensure_absl_flags_parsed()
+    sharding.ensure_absl_flags_parsed()  # grain 0.2.18 reads an absl flag in its workers
   return grain.DataLoader(
       data_source=named_source, sampler=sampler, operations=operations,
       worker_count=num_workers, worker_buffer_size=worker_buffer_size,

@@ -1,35 +1,30 @@
 """The paper's Table V in miniature: fusion strategies trained with the same budget.
 
-  python -m cmmp_jax.experiments.table5 --config=configs/synthetic.py [--workdir runs/table5]
-      [--models image_only,aux_only,early_fusion,late_fusion,cmmpnet] [--seeds 0,1,2]
-      [--set num_epochs=12]
+  python -m cmmp_jax.experiments.table5 [--config=configs/synthetic.py[:presets]]
+      [--workdir=runs/table5] [--models=image_only,aux_only,early_fusion,late_fusion,cmmpnet]
+      [--seeds=0,1,2] [--config.num_epochs=12]
 
-Trains each model (a preset of the config) in WORKDIR/<model> (resuming if interrupted), then
-prints test A_IoU / G_IoU at the best-validation evaluation, side by side (mean +- standard
-deviation over --seeds), and writes WORKDIR/table5.json. Every model sees the same data,
-seeds, schedule and number of steps.
+Trains each model (a preset of configs/presets.py, applied on top of --config and its overrides)
+in WORKDIR/<model> (resuming if interrupted), then prints test A_IoU / G_IoU at the
+best-validation evaluation, side by side (mean +- standard deviation over --seeds), and writes
+WORKDIR/table5.json. Every model sees the same data, seeds, schedule and number of steps.
 """
 from __future__ import annotations
 
-import argparse
-import ast
+import copy
 import pathlib
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from cmmp_jax import config_checks
+from configs import presets
 
 MODELS = ("image_only", "aux_only", "early_fusion", "late_fusion", "cmmpnet")
 LABELS = {"image_only": "image only (D-LinkNet)", "aux_only": "trajectory only (D-LinkNet)",
           "early_fusion": "early fusion", "late_fusion": "late fusion",
           "gated_fusion": "gated fusion (DeepDualMapper-style)", "cmmpnet": "CMMPNet"}
-
-
-def _parse_overrides(items):
-  overrides = {}
-  for item in items or []:
-    key, _, value = item.partition("=")
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value
-  return overrides
 
 
 def _mean_std(values):
@@ -57,40 +52,53 @@ def format_table(rows) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/synthetic.py")
-  parser.add_argument("--workdir", default="runs/table5")
-  parser.add_argument("--models", default=",".join(MODELS))
-  parser.add_argument("--seeds", default="0",
-                      help="comma-separated seeds (initialisation and data order); the table "
-                      "gives mean +- standard deviation over them")
-  parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                      help="config override applied to every run, e.g. num_epochs=12")
-  args = parser.parse_args(argv)
-  from cmmp_jax import configs, train  # pylint: disable=import-outside-toplevel
-  workdir = pathlib.Path(args.workdir)
-  seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-  models = [m.strip() for m in args.models.split(",") if m.strip()]
+def run(config, workdir, models=MODELS, seeds=(0,)) -> list:
+  """The CLI's work: trains config with each model's preset and each seed, prints the table and
+  returns its rows (model name, [summary per seed])."""
+  from cmmp_jax import reporting, train  # pylint: disable=import-outside-toplevel
+  workdir = pathlib.Path(workdir)
   results = {name: [] for name in models}
-  base, _, presets = args.config.partition(":")
   for seed in seeds:
     for name in models:
-      spec = f"{base}:{','.join(p for p in (presets, name) if p)}"
-      config = configs.load_config(spec, {**_parse_overrides(args.set), "seed": seed})
-      print(f"=== {name}, seed {seed}: {spec}", flush=True)
+      run_config = presets.apply(copy.deepcopy(config), name)
+      run_config.seed = seed
+      config_checks.validate(run_config)
+      print(f"=== {name}, seed {seed}", flush=True)
       # Seed 0 runs in WORKDIR/<model> (the single-seed layout), others in WORKDIR/seed<k>/<model>.
       run_dir = workdir / name if seed == 0 else workdir / f"seed{seed}" / name
-      summary = train.train_and_evaluate(config, str(run_dir))
+      summary = train.train_and_evaluate(run_config, str(run_dir))
       if not summary.get("test"):
         raise RuntimeError(f"{name}: no test metrics (set eval_on_test=True)")
       results[name].append({"seed": seed, **summary})
-      (workdir / "table5.json").write_text(train.to_json(results))
+      (workdir / "table5.json").write_text(reporting.to_json(results))
   rows = [(name, runs) for name, runs in results.items() if runs]
-  table = format_table(rows)
-  print(table)
+  print(format_table(rows))
   return rows
 
 
+def define_flags() -> None:
+  """The command line's flags (defined only when this module runs as the program)."""
+  config_flags.DEFINE_config_file(
+      "config", "configs/synthetic.py", "Config file (with :presets) of every run; "
+      "--config.a.b=value overrides apply to every run.", lock_config=True)
+  flags.DEFINE_string("workdir", "runs/table5", "One subfolder per model (and seed).")
+  flags.DEFINE_list("models", list(MODELS), "Presets, one row each (configs/presets.py).")
+  flags.DEFINE_list("seeds", ["0"], "Seeds (initialisation and data order); the table gives "
+                    "mean +- standard deviation over them.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  config_checks.validate(config)
+  try:
+    seeds = [int(x) for x in flags.FLAGS.seeds]
+  except ValueError as error:
+    raise app.UsageError(f"--seeds must be integers, got {flags.FLAGS.seeds}") from error
+  run(config, flags.FLAGS.workdir, flags.FLAGS.models, seeds)
+
+
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

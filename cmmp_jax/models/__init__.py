@@ -5,6 +5,7 @@ Every model is applied as `model.apply(variables, image, aux, train=...)` and re
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from cmmp_jax.models.backbones import Autoencoder
 from cmmp_jax.models.cmmpnet import (CMMPNet, DualBranchNet, GatedFusionNet, LateFusion,
                                      SingleBranchNet)
-from cmmp_jax.models.dem import DualEnhancement
+from cmmp_jax.models.dem import DEMOptions, DualEnhancement
 
 # name -> (class, fixed fields). Paper Tables II, V-VII.
 MODELS = {
@@ -24,15 +25,14 @@ MODELS = {
     "gated_fusion": (GatedFusionNet, {}),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_DEM_FIELDS = ("use_local", "use_global", "use_gate", "spp_levels", "local_kernel_size")
 
 
 def build_model(model_config: Mapping[str, Any]):
   """Builds a model from a config mapping (e.g. `config.model`).
 
   Fields: name (one of MODELS), backbone, width, depths, aux_channels, decoder, upsample_method,
-  dtype ('float32' | 'bfloat16'), remat, and for 'cmmpnet' the DEM fields use_local, use_global,
-  use_gate, spp_levels, local_kernel_size. Unknown names or dtypes raise ValueError.
+  dtype ('float32' | 'bfloat16'), remat, and the fields of DEMOptions (flat, e.g. use_local),
+  which shape 'cmmpnet' only. Unknown names or dtypes raise ValueError.
   """
   cfg = dict(model_config)
   name = cfg.pop("name", "cmmpnet")
@@ -42,19 +42,20 @@ def build_model(model_config: Mapping[str, Any]):
   dtype = cfg.pop("dtype", "float32")
   if dtype not in DTYPES:
     raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-  if name != "cmmpnet":
-    for field in _DEM_FIELDS:
-      cfg.pop(field, None)  # DEM switches only shape CMMPNet
-  for key in ("depths", "spp_levels"):
-    if key in cfg:
-      cfg[key] = tuple(int(v) for v in cfg[key])
-  known = set(cls.__dataclass_fields__) - {"parent", "name"}
+  dem_fields = [field.name for field in dataclasses.fields(DEMOptions)]
+  dem = {key: cfg.pop(key) for key in dem_fields if key in cfg}
+  if "depths" in cfg:
+    cfg["depths"] = tuple(int(v) for v in cfg["depths"])
+  # The config holds the DEM switches flat; the model takes them as one DEMOptions field.
+  known = set(cls.__dataclass_fields__) - {"parent", "name", "dem"}
   unknown = sorted(set(cfg) - known)
   if unknown:
     raise ValueError(f"config.model has fields {unknown} that model {name!r} does not take; "
-                     f"known: {sorted(known)}")
+                     f"known: {sorted(known | set(dem_fields))}")
+  if name == "cmmpnet":  # DEM switches only shape CMMPNet
+    cfg["dem"] = DEMOptions(**dem)
   return cls(**fixed, **cfg, dtype=DTYPES[dtype])
 
 
-__all__ = ["Autoencoder", "CMMPNet", "DualBranchNet", "DualEnhancement", "GatedFusionNet",
-           "LateFusion", "MODELS", "SingleBranchNet", "build_model"]
+__all__ = ["Autoencoder", "CMMPNet", "DEMOptions", "DualBranchNet", "DualEnhancement",
+           "GatedFusionNet", "LateFusion", "MODELS", "SingleBranchNet", "build_model"]

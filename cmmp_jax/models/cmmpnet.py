@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cmmp_jax.models.backbones import Autoencoder
-from cmmp_jax.models.dem import DualEnhancement
+from cmmp_jax.models.dem import DEMOptions, DualEnhancement
 from cmmp_jax.models.layers import Conv
 
 Dtype = Any
@@ -54,7 +54,7 @@ class DualBranchNet(nn.Module):
     width: channel multiplier (1.0 = ResNet-34 widths 64..512).
     depths: basic blocks per encoder layer ((3, 4, 6, 3) = ResNet-34).
     aux_channels: channels of the auxiliary raster (checked against the input).
-    use_local, use_global, use_gate, spp_levels, local_kernel_size: DEM ablations.
+    dem: the DEM's ablation switches (used by fusion 'dem' only; default = the release).
     decoder: 'linknet' or 'sun1d' (Sun et al.'s 1D transposed convolutions).
     upsample_method: 'dilated' or 'subpixel' transposed-conv formulation (same results).
     dtype: compute dtype; parameters stay float32.
@@ -66,11 +66,7 @@ class DualBranchNet(nn.Module):
   depths: Sequence[int] = (3, 4, 6, 3)
   aux_channels: int = 1
   fusion: str = "dem"
-  use_local: bool = True
-  use_global: bool = True
-  use_gate: bool = True
-  spp_levels: Sequence[int] = (1, 2, 4)
-  local_kernel_size: int = 1
+  dem: DEMOptions = DEMOptions()
   decoder: str = "linknet"
   upsample_method: str = "dilated"
   dtype: Dtype = jnp.float32
@@ -85,9 +81,7 @@ class DualBranchNet(nn.Module):
     # sources, gates, pooled maps); rematerialised it keeps only its two inputs.
     remat = (lambda cls: nn.remat(cls, static_argnums=(3,))) if self.remat else (lambda cls: cls)
     if self.fusion == "dem":
-      return remat(DualEnhancement)(self.use_local, self.use_global, self.use_gate,
-                                    tuple(self.spp_levels), self.local_kernel_size, self.dtype,
-                                    name=name)(f_image, f_aux, train)
+      return remat(DualEnhancement)(self.dem, self.dtype, name=name)(f_image, f_aux, train)
     if self.fusion == "gated":
       return remat(GatedFusion)(self.dtype, name=name)(f_image, f_aux, train)
     if self.fusion == "none":

@@ -1,20 +1,23 @@
 """Parameter count and forward FLOPs per image of each model, from XLA's cost analysis.
 
-  python -m cmmp_jax.models.summary --config=configs/bjroad.py [--sizes 512,1024]
-      [--models cmmpnet,image_only,...] [--json PATH]
+  python -m cmmp_jax.models.summary [--config=configs/bjroad.py[:presets] --config.a.b=value]
+      [--sizes=512,1024] [--models=cmmpnet,image_only,...] [--json=PATH]
 
 FLOPs are XLA's count for the lowered forward pass in eval mode (one image, float32), i.e.
 2 x multiply-adds plus elementwise work; a train step costs about 3x that.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 
+from cmmp_jax import config_checks
 from cmmp_jax.models import MODELS, build_model
 
 
@@ -48,18 +51,11 @@ def summarize(model_config: dict, names, sizes) -> list[dict]:
   return rows
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/bjroad.py")
-  parser.add_argument("--sizes", default="512,1024")
-  parser.add_argument("--models", default=",".join(MODELS))
-  parser.add_argument("--json", default="")
-  args = parser.parse_args(argv)
-  from cmmp_jax import configs  # pylint: disable=import-outside-toplevel
-  config = configs.load_config(args.config)
-  sizes = [int(s) for s in args.sizes.split(",")]
+def run(config, models, sizes, json_path: str = "") -> list[dict]:
+  """The CLI's work: summarize() of config.model for these model names and input sides, printed
+  as a Markdown table (and written to json_path as JSON when given)."""
   model_config = config.model.to_dict()
-  rows = summarize(model_config, [m for m in args.models.split(",") if m], sizes)
+  rows = summarize(model_config, models, sizes)
   print(f"backbone {model_config['backbone']}, width {model_config['width']}, depths "
         f"{tuple(model_config['depths'])}; forward GFLOPs per image (XLA cost analysis)")
   header = "| model | parameters | " + " | ".join(f"GFLOPs @{s}" for s in sizes) + " |"
@@ -68,11 +64,33 @@ def main(argv=None):
   for r in rows:
     print(f"| {r['model']} | {r['params']:,} | "
           + " | ".join(f"{r[f'gflops_{s}']:.1f}" for s in sizes) + " |")
-  if args.json:
-    with open(args.json, "w") as f:
+  if json_path:
+    with open(json_path, "w") as f:
       json.dump(rows, f, indent=2)
   return rows
 
 
+def define_flags() -> None:
+  """The command line's flags (defined only when this module runs as the program)."""
+  config_flags.DEFINE_config_file("config", "configs/bjroad.py", "Config file (with :presets).",
+                                  lock_config=True)
+  flags.DEFINE_list("sizes", ["512", "1024"], "Input sides (square) to count FLOPs at.")
+  flags.DEFINE_list("models", list(MODELS), "Model names (config.model.name values).")
+  flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  config_checks.validate(config)
+  try:
+    sizes = [int(s) for s in flags.FLAGS.sizes]
+  except ValueError as error:
+    raise app.UsageError(f"--sizes must be integers, got {flags.FLAGS.sizes}") from error
+  run(config, flags.FLAGS.models, sizes, flags.FLAGS.json)
+
+
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -56,6 +56,7 @@ from PIL import Image
 
 from cmmp_jax.data import fog as fog_lib
 from cmmp_jax.data import heatmap as heatmap_lib
+from cmmp_jax.data import reading
 from data_builders import common
 
 SOURCE_SPLITS = ('train_val', 'test')
@@ -123,7 +124,7 @@ def list_ids(folder: pathlib.Path, suffix: str) -> dict[str, pathlib.Path]:
   found: dict[str, pathlib.Path] = {}
   for path in sorted(folder.iterdir()):
     match = pattern.match(path.name)
-    if not match or match.group(2).lower() not in common.IMAGE_EXTENSIONS:
+    if not match or match.group(2).lower() not in reading.IMAGE_EXTENSIONS:
       continue
     tile_id = match.group(1)
     if tile_id in found:

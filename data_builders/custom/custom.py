@@ -1,9 +1,10 @@
 """TFDS builder `custom`: a user's own area from a GeoTIFF, road centerlines and GPS.
 
 Inputs (paths in a spec, see below):
-  imagery   GeoTIFF in any CRS (rasterio), uint8, uint16 (e.g. 11-bit) or float,
-            1 band (gray, replicated to RGB), 3 or more bands (bands 1, 2, 3 = RGB
-            unless `bands` says otherwise).
+  imagery   GeoTIFF (.tif/.tiff) in any CRS, uint8, uint16 (e.g. 11-bit) or
+            float, read by cmmp_jax.data.reading: 1 band (gray, replicated to
+            RGB), 2 (gray + alpha), 3 (RGB) or 4 (RGB + alpha/NIR) bands; with
+            more, or another choice, set `bands`.
   roads     GeoJSON of road centerlines (LineString/MultiLineString; Polygons are
             filled as they are, Points become discs). CRS: the legacy "crs" member
             when present (e.g. urn:ogc:def:crs:EPSG::32611), else WGS84 lon/lat
@@ -11,16 +12,19 @@ Inputs (paths in a spec, see below):
   gps       optional CSV file(s): Porto/Kaggle taxi format (a POLYLINE column of
             [lon, lat] lists) or any CSV with lon/lat columns (names: lon,
             longitude, lng, x / lat, latitude, y, case-insensitive; or set
-            lon_column/lat_column). Coordinates in gps_crs (default EPSG:4326).
-            Without gps the aux heat-map is all zero (image-only data).
+            lon_column/lat_column), read by reading.read_gps_csv. Coordinates in
+            gps_crs (default EPSG:4326; for a geographic CRS, values outside
+            [-180, 180] / [-90, 90] are errors). Without gps the aux heat-map is
+            all zero (image-only data).
 
 Processing:
-  - Image to uint8 ('scaling'): 'bit_depth' (default) maps x -> round(x * 255 /
-    (2**b - 1)), clipped, with b = bit_depth, or when unset the smallest
-    b >= 8 with 2**b > max value of the selected bands (an 11-bit image whose
-    maximum is 2047 gives b = 11); uint8 data is kept as is and float data in
-    [0, 1] is multiplied by 255. 'percentile' stretches each band linearly from
-    its `percentiles` (default 2, 98) over the whole raster to 0..255.
+  - Image to uint8 ('scaling'): 'bit_depth' (default) is reading's rule
+    (reading.samples_to_uint8): x -> round(x * 255 / (2**b - 1)), clipped, with
+    b = bit_depth, or when unset the smallest b >= 8 with 2**b > max value of
+    the selected bands (an 11-bit image whose maximum is 2047 gives b = 11);
+    uint8 data is kept as is and float data in [0, 1] is multiplied by 255.
+    'percentile' stretches each band linearly from its `percentiles` (default
+    2, 98) over the whole raster to 0..255.
   - Road mask: a pixel is road when its centre lies within road_width_m / 2
     metres of a centerline (a round-capped buffer of total width road_width_m,
     like solaris' road_mask(width, meters=True)); a centerline leaving the
@@ -53,7 +57,6 @@ several GeoTIFFs and builds.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -71,12 +74,11 @@ import yaml
 
 from cmmp_jax.data import geo as geo_lib
 from cmmp_jax.data import heatmap as heatmap_lib
+from cmmp_jax.data import reading
 from data_builders import common
 
 SPEC_FILE_NAMES = ('custom.json', 'custom.yaml', 'custom.yml')
 DEFAULT_ROAD_WIDTH_M = 4.0
-LON_COLUMNS = ('lon', 'longitude', 'lng', 'x')
-LAT_COLUMNS = ('lat', 'latitude', 'y')
 # Metres per degree on the WGS84 ellipsoid as a function of latitude (series of the
 # meridian and parallel radii of curvature; error below 1 cm per degree).
 _M_PER_DEG_LAT = (111132.954, -559.822, 1.175)
@@ -95,7 +97,7 @@ class CustomSpec:
   imagery: str
   roads: str
   gps: tuple[str, ...] = ()
-  gps_format: str = 'auto'          # 'auto', 'porto' or 'columns'
+  gps_format: str = 'auto'          # one of reading.GPS_FORMATS
   lon_column: str | None = None
   lat_column: str | None = None
   gps_crs: str = 'EPSG:4326'
@@ -137,8 +139,8 @@ class CustomSpec:
     """Raises SpecError naming source for out-of-range or ill-typed fields."""
     def fail(problem):
       raise common.SpecError(source, problem)
-    if self.gps_format not in ('auto', 'porto', 'columns'):
-      fail(f"gps_format must be 'auto', 'porto' or 'columns', got {self.gps_format!r}")
+    if self.gps_format not in reading.GPS_FORMATS:
+      fail(f'gps_format must be one of {reading.GPS_FORMATS}, got {self.gps_format!r}')
     if self.edge not in ('pad', 'drop'):
       fail(f"edge must be 'pad' or 'drop', got {self.edge!r}")
     if self.scaling not in ('bit_depth', 'percentile'):
@@ -188,48 +190,21 @@ def load_spec_file(manual_dir: pathlib.Path, name: str | None) -> tuple[CustomSp
 # Imagery.
 
 
-def imagery_to_uint8_rgb(array: np.ndarray, spec: CustomSpec,
-                         path: pathlib.Path) -> np.ndarray:
-  """(H, W, bands) raster -> uint8 (H, W, 3) RGB by the spec's band choice and scaling."""
-  n_bands = array.shape[2]
-  bands = spec.bands
-  if bands is None:
-    if n_bands == 1 or n_bands == 2:
-      bands = (1,)  # gray (+ alpha)
-    else:
-      bands = (1, 2, 3)
-  if max(bands) > n_bands:
-    raise common.SpecError(path, f'bands {bands} requested, the raster has {n_bands}')
-  selected = array[..., [b - 1 for b in bands]]
-  if spec.scaling == 'percentile':
-    values = selected.astype(np.float64)
-    finite = np.isfinite(values).all(axis=2)
-    low = np.percentile(values[finite], spec.percentiles[0], axis=0)
-    high = np.percentile(values[finite], spec.percentiles[1], axis=0)
-    scaled = (values - low) / np.maximum(high - low, 1e-12)
-    out = np.rint(np.clip(np.nan_to_num(scaled), 0.0, 1.0) * 255.0).astype(np.uint8)
-  elif selected.dtype == np.uint8 and spec.bit_depth in (None, 8):
-    out = selected
-  elif np.issubdtype(selected.dtype, np.integer):
-    if selected.size and selected.min() < 0:
-      raise common.UnreadableImageError(
-          path, f'negative pixel values ({selected.min()}); use scaling: percentile')
-    bits = spec.bit_depth
-    if bits is None:
-      max_value = int(selected.max()) if selected.size else 0
-      bits = max(8, max_value.bit_length())
-    full_scale = float(2**bits - 1)
-    out = np.rint(np.clip(selected / full_scale, 0.0, 1.0) * 255.0).astype(np.uint8)
-  else:
-    values = selected.astype(np.float64)
-    if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
-      raise common.UnreadableImageError(
-          path, 'float imagery must lie in [0, 1] for bit_depth scaling; '
-          'use scaling: percentile')
-    out = np.rint(values * 255.0).astype(np.uint8)
-  if out.shape[2] == 1:
-    out = np.repeat(out, 3, axis=2)
-  return np.ascontiguousarray(out)
+def imagery_to_uint8_rgb(raster: reading.Raster, spec: CustomSpec) -> np.ndarray:
+  """Imagery -> uint8 (H, W, 3) RGB by the spec's bands and scaling (module docstring).
+
+  Raises:
+    reading.ReadError: missing bands, or values the 'bit_depth' rule cannot map.
+  """
+  if spec.scaling == 'bit_depth':
+    return reading.to_rgb_uint8(raster, bands=spec.bands, bit_depth=spec.bit_depth)
+  values = reading.select_rgb_bands(raster, spec.bands).astype(np.float64)
+  finite = np.isfinite(values).all(axis=2)
+  low = np.percentile(values[finite], spec.percentiles[0], axis=0)
+  high = np.percentile(values[finite], spec.percentiles[1], axis=0)
+  stretched = np.clip(np.nan_to_num((values - low) / np.maximum(high - low, 1e-12)), 0.0, 1.0)
+  # Floats in [0, 1] go to round(x * 255), gray is replicated to RGB.
+  return reading.to_rgb_uint8(dataclasses.replace(raster, pixels=stretched))
 
 
 # ---------------------------------------------------------------------------
@@ -408,52 +383,7 @@ def rasterize_roads(geometries: Sequence[dict], geometries_crs, geo: geo_lib.Geo
 # GPS.
 
 
-def _find_column(header: Sequence[str], wanted: str | None, candidates: Sequence[str],
-                 path: pathlib.Path, what: str) -> str:
-  by_lower = {name.strip().lower(): name for name in header}
-  names = [wanted] if wanted else list(candidates)
-  for name in names:
-    if name.lower() in by_lower:
-      return by_lower[name.lower()]
-  raise common.DatasetFileError(
-      path, f'no {what} column (looked for {names}); header is {list(header)}')
-
-
-def read_gps_csv(path: pathlib.Path, spec: CustomSpec) -> tuple[np.ndarray, np.ndarray]:
-  """(x, y) float64 of every GPS point of a CSV, in spec.gps_crs (lon/lat by default)."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise common.MissingFileError(path, 'GPS CSV not found')
-  with open(path, newline='', encoding='utf-8') as handle:
-    header = next(csv.reader(handle), None)
-  if not header:
-    raise common.DatasetFileError(path, 'GPS CSV is empty')
-  kind = spec.gps_format
-  if kind == 'auto':
-    kind = 'porto' if 'POLYLINE' in [h.strip().upper() for h in header] else 'columns'
-  if kind == 'porto':
-    _, lon, lat, _ = geo_lib.parse_porto_polylines(path)
-    return lon, lat
-  lon_name = _find_column(header, spec.lon_column, LON_COLUMNS, path, 'longitude/x')
-  lat_name = _find_column(header, spec.lat_column, LAT_COLUMNS, path, 'latitude/y')
-  xs, ys = [], []
-  with open(path, newline='', encoding='utf-8') as handle:
-    reader = csv.DictReader(handle)
-    for record in reader:
-      try:
-        x, y = float(record[lon_name]), float(record[lat_name])
-      except (TypeError, ValueError):
-        raise common.DatasetFileError(
-            path, f'line {reader.line_num}: {lon_name}/{lat_name} are not numbers: '
-            f'{record[lon_name]!r}, {record[lat_name]!r}') from None
-      if not (math.isfinite(x) and math.isfinite(y)):
-        raise common.DatasetFileError(path, f'line {reader.line_num}: NaN/inf coordinate')
-      xs.append(x)
-      ys.append(y)
-  return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-
-
-def gps_to_pixels(x: np.ndarray, y: np.ndarray, gps_crs: str,
+def gps_to_pixels(x: np.ndarray, y: np.ndarray, gps_crs: str | rasterio.crs.CRS,
                   geo: geo_lib.GeoInfo) -> tuple[np.ndarray, np.ndarray]:
   """GPS coordinates in gps_crs -> continuous raster pixel (cols, rows)."""
   source = rasterio.crs.CRS.from_user_input(gps_crs)
@@ -481,30 +411,31 @@ class Area:
   def __init__(self, spec: CustomSpec, base_dir: pathlib.Path | None, source: str):
     self.spec = spec
     self.imagery_path = resolve(spec.imagery, base_dir, source)
+    if not self.imagery_path.is_file():
+      raise common.MissingFileError(self.imagery_path, 'imagery GeoTIFF not found')
     try:
-      raster, self.geo = geo_lib.read_geotiff(self.imagery_path)
-    except FileNotFoundError as error:
-      raise common.MissingFileError(self.imagery_path, 'imagery GeoTIFF not found') from error
-    except geo_lib.GeoTiffError as error:
-      raise common.UnreadableImageError(self.imagery_path, str(error)) from error
-    if self.geo.crs is None:
-      raise common.UnreadableImageError(self.imagery_path, 'GeoTIFF has no CRS')
-    self.height, self.width = raster.shape[:2]
-    self.image = imagery_to_uint8_rgb(raster, spec, self.imagery_path)
+      raster = reading.read_raster(self.imagery_path)
+      if raster.geo is None:
+        raise common.UnreadableImageError(self.imagery_path, 'GeoTIFF has no CRS')
+      self.image = imagery_to_uint8_rgb(raster, spec)
+    except reading.ReadError as error:
+      raise common.UnreadableImageError(error.path, error.problem) from error
+    self.geo = raster.geo
+    self.height, self.width = self.image.shape[:2]
     del raster
     roads_path = resolve(spec.roads, base_dir, source)
     geometries, roads_crs = read_road_geometries(roads_path)
     self.mask = rasterize_roads(geometries, roads_crs, self.geo, self.height, self.width,
                                 spec.road_width_m)
-    cols, rows = [], []
-    for gps in spec.gps:
-      gps_path = resolve(gps, base_dir, source)
-      x, y = read_gps_csv(gps_path, spec)
-      c, r = gps_to_pixels(x, y, spec.gps_crs, self.geo)
-      cols.append(c)
-      rows.append(r)
-    self.gps_cols = np.concatenate(cols) if cols else np.zeros(0)
-    self.gps_rows = np.concatenate(rows) if rows else np.zeros(0)
+    gps_crs = rasterio.crs.CRS.from_user_input(spec.gps_crs)
+    try:
+      x, y = reading.read_gps_csv(
+          [resolve(gps, base_dir, source) for gps in spec.gps], gps_format=spec.gps_format,
+          lon_column=spec.lon_column, lat_column=spec.lat_column,
+          degrees=gps_crs.is_geographic)
+    except reading.ReadError as error:
+      raise common.DatasetFileError(error.path, error.problem) from error
+    self.gps_cols, self.gps_rows = gps_to_pixels(x, y, gps_crs, self.geo)
     self.tiles = self._make_tiles()
     self._points_by_tile = self._bucket_points()
     logging.info('custom: %s: %dx%d px, %d tiles, %d GPS points (%d on tiles)',
