@@ -13,8 +13,10 @@ everything (--verbosity=0 shows library INFO logs on the console too). Multi-hos
 """
 import os
 
-# TensorFlow (clu's summary writers, TFDS) prints C++ INFO banners when it loads.
+# TensorFlow (loaded by clu's summary writers) prints C++ banners when it loads; it computes
+# nothing here, so its oneDNN kernels (the banner's subject) are not needed either.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app
 from absl import flags
@@ -37,12 +39,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
-  config_checks.validate(config)
-  # Without an explicit --verbosity only warnings of the libraries reach the console.
-  reporting.quiet_console(FLAGS.verbosity if FLAGS["verbosity"].present else -1)
+  config = config_checks.config_from_flags(argv)
   if config.xla_flags:  # read when JAX starts its backends, which nothing has done yet
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + config.xla_flags).strip()
   explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 
 from data_builders import common
 
+from cmmp_jax import config_checks
 from cmmp_jax.data import pipeline
 from cmmp_jax.data.augment import AugmentConfig
 
@@ -142,7 +143,7 @@ def run(size: int, workers: Sequence[int], num_examples: int, *, batch_size: int
 def define_flags() -> None:
   """The command line's flags (defined only when this module runs as the program)."""
   flags.DEFINE_integer('size', 512, 'Synthetic tile side.', lower_bound=1)
-  flags.DEFINE_list('workers', ['0', '2'], 'Grain worker counts.')
+  config_checks.define_integer_list('workers', [0, 2], 'Grain worker counts.')
   flags.DEFINE_integer('num_examples', 64, 'Examples timed.', lower_bound=1)
   flags.DEFINE_integer('batch_size', 4, 'Batch size.', lower_bound=1)
   flags.DEFINE_integer('input_size', None, 'Resize to this side (default: keep).',
@@ -157,16 +158,12 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   args = flags.FLAGS
-  try:
-    workers = [int(w) for w in args.workers if w.strip()]
-  except ValueError as error:
-    raise app.UsageError(f'--workers must be integers, got {args.workers}') from error
   source = None
   if args.data_dir is not None:
     if args.dataset is None:
       raise app.UsageError('--data_dir needs --dataset')
     source = tfds.data_source(args.dataset, data_dir=args.data_dir, split=args.split)
-  report = run(args.size, workers, args.num_examples, batch_size=args.batch_size,
+  report = run(args.size, args.workers, args.num_examples, batch_size=args.batch_size,
                input_size=args.input_size, source=source)
   for row in report['results']:
     print(f"workers={row['workers']}: {row['examples_per_s']:.1f} examples/s "

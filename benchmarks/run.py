@@ -50,7 +50,9 @@ from absl import app
 from absl import flags
 import jax
 
+from benchmarks import render
 from benchmarks import train_step as step_lib
+from cmmp_jax import config_checks
 
 SECTIONS = ("train", "eval", "maxbatch", "pipeline", "render", "scaling")
 REPO_ROOT = step_lib.REPO_ROOT
@@ -63,6 +65,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   default sys.argv). Defined only when this module runs as the program, or on a fresh
   flags.FlagValues() by a caller."""
   step_lib.define_spec_flags(flag_values, argv)
+  flags.adopt_module_key_flags(step_lib, flag_values)  # --helpshort lists them too
   def define(kind, *args, **kwargs):
     kind(*args, flag_values=flag_values, **kwargs)
 
@@ -76,26 +79,22 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
          "elsewhere the device's own limit).")
   define(flags.DEFINE_integer, "pipeline_size", None, "Tile side (default --size).",
          lower_bound=1)
-  define(flags.DEFINE_list, "pipeline_workers", ["0", "2"], "Grain worker counts.")
+  define(config_checks.define_integer_list, "pipeline_workers", [0, 2], "Grain worker counts.")
   define(flags.DEFINE_integer, "pipeline_examples", 32, "Examples timed.", lower_bound=1)
   define(flags.DEFINE_integer, "pipeline_batch", None, "Default --batch.", lower_bound=1)
   define(flags.DEFINE_integer, "render_points", 2_000_000, "GPS points.", lower_bound=1)
   define(flags.DEFINE_integer, "render_tiles", 16, "Tiles.", lower_bound=1)
   define(flags.DEFINE_integer, "render_size", 256, "Tile side.", lower_bound=1)
-  define(flags.DEFINE_list, "scaling_devices", ["1", "2", "4", "8"],
+  define(config_checks.define_integer_list, "scaling_devices", [1, 2, 4, 8],
          "Simulated CPU device counts.")
   define(flags.DEFINE_integer, "scaling_batch", 8, "Fixed global batch.", lower_bound=1)
   define(flags.DEFINE_float, "scaling_timeout_s", 900.0, "Limit per scaling subprocess.")
 
 
-def _counts(values: Sequence[str], flag: str, least: int) -> list[int]:
-  try:
-    counts = [int(v) for v in values if v.strip()]
-  except ValueError as error:
-    raise app.UsageError(f"--{flag} must be comma-separated integers, got {values}") from error
-  if not counts or min(counts) < least:
+def _counts(values: Sequence[int], flag: str, least: int) -> list[int]:
+  if not values or min(values) < least:
     raise app.UsageError(f"--{flag} must list integers >= {least}, got {values}")
-  return counts
+  return list(values)
 
 
 def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
@@ -169,7 +168,6 @@ def pipeline_section(spec, args) -> dict[str, Any]:
 
 
 def render_section(args) -> dict[str, Any]:
-  from benchmarks import render  # pylint: disable=import-outside-toplevel
   return render.run(args.render_points, args.render_tiles, args.render_size)
 
 

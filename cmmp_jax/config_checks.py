@@ -1,10 +1,17 @@
-"""Checks of a configuration's values that need the library (the model and backbone names).
+"""Checks of a configuration's values that need the library (the model and backbone names), and
+the command-line pieces the entry points share.
 
-Every entry point calls `validate(config)` once its flags are parsed; the config files in
-configs/ only describe settings.
+Every entry point validates its --config once absl has parsed the flags (`config_from_flags`);
+the config files in configs/ only describe settings.
 """
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
 import ml_collections
 
+from cmmp_jax import reporting
 from cmmp_jax.models import MODELS
 from cmmp_jax.models.backbones import BACKBONES
 
@@ -30,3 +37,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field} must be > 0, got {value!r}")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_epochs or config.num_train_steps to a positive number")
+
+
+def config_from_flags(argv: Sequence[str]) -> ml_collections.ConfigDict:
+  """An absl entry point's parsed --config, validated; the console quietened to this program's
+  own lines (reporting.quiet_console). argv is what absl.app hands main(): arguments besides the
+  program's name are a usage error."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  validate(config)
+  reporting.quiet_console()
+  return config
+
+
+class _IntegerListParser(flags.ListParser):
+  """Comma-separated integers, e.g. `--seeds=0,1,2`."""
+
+  def parse(self, argument):
+    values = super().parse(argument)
+    try:
+      return [int(v) for v in values]
+    except ValueError as error:
+      raise ValueError(f"expected comma-separated integers, got {argument!r}") from error
+
+  def flag_type(self):
+    return "comma separated list of integers"
+
+
+def define_integer_list(name: str, default: Sequence[int], help_string: str,
+                        flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines --NAME=1,2,3, parsed to a list of ints (absl's DEFINE_list gives strings). The flag
+  belongs to the calling module (so --helpshort lists it with that program's flags)."""
+  caller = sys._getframe(1).f_globals["__name__"]  # pylint: disable=protected-access
+  flags.DEFINE(_IntegerListParser(), name, ",".join(str(v) for v in default), help_string,
+               flag_values=flag_values, serializer=flags.CsvListSerializer(","),
+               module_name=sys.argv[0] if caller == "__main__" else caller)

@@ -295,10 +295,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = flags.FLAGS.config
-  config_checks.validate(config)
+  config = config_checks.config_from_flags(argv)
   workdir = flags.FLAGS.workdir
   step = run(config, flags.FLAGS.torch_checkpoint, workdir, bgr_to_rgb=not flags.FLAGS.keep_bgr)
   print(f"wrote converted weights as step {step} to {workdir}")

@@ -680,8 +680,5 @@ def predict_from_checkpoint(config, workdir) -> dict:
   who = f' by process {jax.process_index()}' if jax.process_count() > 1 else ''
   message = (f"predictions of step {step} written to {output_dir} "
              f"({len(summary['written'])} files{who})")
-  if jax.process_count() > 1:
-    print(message, flush=True)  # every process reports its own share
-  else:
-    reporting.console(message)
+  reporting.console(message, every_process=True)
   return summary

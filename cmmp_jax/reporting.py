@@ -14,6 +14,7 @@ import os
 import pathlib
 import time
 
+from absl import flags
 from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
@@ -25,16 +26,18 @@ PARAMETERS_FILE = "parameters.txt"
 _LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"
 
 
-def console(message: str) -> None:
-  """One line for people (process 0 only with several processes), also kept in the log file."""
+def console(message: str, *, every_process: bool = False) -> None:
+  """One line for people, also kept in the log file. With several processes only process 0
+  prints, unless the line is about each process's own work (`every_process`)."""
   logging.info("%s", message)
-  if jax.process_index() == 0:
+  if every_process or jax.process_index() == 0:
     print(message, flush=True)
 
 
-def quiet_console(verbosity: int) -> None:
-  """Library logs reach the console only at WARNING and above, unless absl's --verbosity asks for
-  more (0: INFO, 1: DEBUG). Python's root logger still passes INFO on to the log file."""
+def quiet_console() -> None:
+  """Library logs reach the console only at WARNING and above, unless absl's --verbosity is given
+  (0: INFO, 1: DEBUG). Python's root logger still passes INFO on to the log file."""
+  verbosity = flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else -1
   console_level = py_logging.WARNING if verbosity < 0 else logging.converter.absl_to_standard(
       verbosity)
   logging.get_absl_handler().setLevel(console_level)
@@ -97,9 +100,14 @@ class Progress:
     return (f"step {step}/{self.total_steps}  loss {loss:.4f}  lr {learning_rate:.2e}  "
             f"{steps_per_s * self.batch_size:.1f} img/s  ETA {format_seconds(eta)}")
 
-  def restart_clock(self) -> None:
-    """Evaluations and checkpoints do not count as training time."""
-    self._last_time = time.monotonic()
+  def elapsed(self) -> float:
+    """Seconds since the last line or restart."""
+    return time.monotonic() - self._last_time
+
+  def restart_clock(self, step: int) -> None:
+    """Measures from `step` now on (compilation, evaluations and checkpoints are not training
+    speed)."""
+    self._last_step, self._last_time = step, time.monotonic()
 
 
 def format_seconds(seconds: float) -> str:

@@ -211,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with Preemption() as preemption:
       while step < total_steps and not stop:
         if preemption.should_stop(step):
-          reporting.console(f"SIGTERM: saving step {step} and exiting")
+          reporting.console(f"SIGTERM: saving step {step} and exiting", every_process=True)
           if ckpts.latest.latest_step() != step:  # unless this step was just saved
             ckpts.save(step, state, meta_dict(), consumed)
           break
@@ -219,6 +219,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, step_metrics = train_step(state, batch)
         step += 1
         pending.append((step, step_metrics))
+        if step == start_step + 1:  # one host sync, so that compilation is not counted as speed
+          jax.block_until_ready(step_metrics["loss"])
+          reporting.console(f"step {step} compiled and ran in {progress.elapsed():.1f} s")
+          progress.restart_clock(step)
         for hook in hooks:
           hook(step)
         if step % config.log_every_steps == 0 or step == total_steps:
@@ -237,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if stop:
             reporting.console(f"learning rate fell below {config.optimizer.min_learning_rate}: "
                               "stopping")
-          progress.restart_clock()
+          progress.restart_clock(step)
         elif step % ckpt_every == 0:
           ckpts.save(step, state, meta_dict(), consumed)
       if step == total_steps or stop:

@@ -2,13 +2,21 @@
 (absl + ml_collections config_flags, as every entry point parses it) names a misspelt field, an
 unknown preset or a value outside its choices."""
 import importlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 from absl import flags
 from ml_collections import config_flags
 import pytest
 
 from cmmp_jax import config_checks
-from configs import bjroad, porto, presets
+from cmmp_jax.models import summary
+from configs import bjroad, porto, presets, synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 DATASETS = ["bjroad", "porto", "tlcgis", "synthetic"]
 
@@ -79,3 +87,24 @@ def test_configs_are_locked_and_values_are_checked():
   config.update_from_flattened_dict({"num_epochs": 0, "num_train_steps": -1})
   with pytest.raises(ValueError, match="num_epochs or config.num_train_steps"):
     config_checks.validate(config)
+
+
+def test_an_entry_point_reads_presets_and_overrides_from_its_command_line(tmp_path):
+  """`python -m cmmp_jax.models.summary` as a user runs it: the preset and the override reach
+  the model it counts (the DEM with local messages only has fewer parameters than the full one)."""
+  out = tmp_path / "rows.json"
+  done = subprocess.run(
+      [sys.executable, "-m", "cmmp_jax.models.summary", "--config=configs/synthetic.py:local",
+       "--config.model.width=0.125", "--sizes=64", "--models=cmmpnet", f"--json={out}"],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+      timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "width 0.125" in done.stdout
+  (row,) = json.loads(out.read_text())
+  config = synthetic.get_config("local")
+  config.update_from_flattened_dict({"model.width": 0.125})
+  (expected,) = summary.summarize(config.model.to_dict(), ["cmmpnet"], [64])
+  assert row == pytest.approx(expected)
+  full = synthetic.get_config()
+  full.update_from_flattened_dict({"model.width": 0.125})
+  assert row["params"] < summary.summarize(full.model.to_dict(), ["cmmpnet"], [64])[0]["params"]

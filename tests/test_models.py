@@ -142,7 +142,8 @@ def test_build_model_gathers_the_flat_dem_fields_into_options():
   assert model.dem == DEMOptions(use_gate=False, spp_levels=(1, 2), local_kernel_size=3)
   assert CMMPNet().dem == DEMOptions() == DEMOptions(True, True, True, (1, 2, 4), 1)
   # Other models ignore the DEM fields, even ones a DEM would reject.
-  assert build_model(dict(name="late_fusion", use_local=False, use_global=False)).dem == DEMOptions()
+  late = build_model(dict(name="late_fusion", use_local=False, use_global=False))
+  assert late.dem == DEMOptions()
 
 
 @pytest.mark.parametrize("k,s,p,op,size", [(3, 2, 1, 1, 5), (4, 2, 1, 0, 6), (3, 2, 1, 1, 4)])

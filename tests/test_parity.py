@@ -4,6 +4,11 @@ The reference weights are rebuilt with the fixture's recipe, converted with `con
 and run on the stored input. A second case, at sizes the stored one does not cover, checks the DEM
 against an independent numpy implementation that uses the converted weights.
 """
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -176,13 +181,19 @@ def test_adaptive_max_pool_matches_pytorch_bins(h, w, bins):
 def test_convert_cli_writes_a_checkpoint_that_eval_loads(parity, tmp_path):
   """`python -m cmmp_jax.convert` on an .npz state_dict -> Orbax checkpoint -> the restored model
   reproduces the release's logits."""
-  from cmmp_jax import configs, evaluate
+  from cmmp_jax import evaluate
+  from configs import bjroad
   npz = tmp_path / "release.npz"
   np.savez(npz, **{f"module.{k}": v for k, v in parity["state_dict"].items()})
   workdir = tmp_path / "converted"
-  convert.main(["--torch-checkpoint", str(npz), "--workdir", str(workdir),
-                "--config", "configs/bjroad.py"])
-  config = configs.load_config("configs/bjroad.py")
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  done = subprocess.run([sys.executable, "-m", "cmmp_jax.convert", f"--torch_checkpoint={npz}",
+                         f"--workdir={workdir}", "--config=configs/bjroad.py"], cwd=repo,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                        text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "wrote converted weights as step 0" in done.stdout
+  config = bjroad.get_config()
   model, state, step, _ = evaluate.restore_for_inference(config, str(workdir), "best")
   assert step == 0
   with jax.default_matmul_precision("highest"):
@@ -190,7 +201,7 @@ def test_convert_cli_writes_a_checkpoint_that_eval_loads(parity, tmp_path):
         state.params, state.batch_stats, parity["image"], parity["aux"])
   assert np.abs(np.asarray(logits) - nhwc(parity["ref"]["logits"])).max() <= 1e-3
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
-    convert.main(["--torch-checkpoint", str(npz), "--workdir", str(workdir)])
+    convert.run(config, npz, workdir)
   with pytest.raises(ImportError, match="pip install torch|needs PyTorch"):
     pth = tmp_path / "release.pth"
     pth.write_bytes(b"not a real file")

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 
@@ -19,14 +20,17 @@ STEP_SCRIPT = textwrap.dedent("""
     if len(sys.argv) > 3:  # multi-process: coordinator, process id
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
       jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
-    from cmmp_jax import configs, sharding, state, steps
-    config = configs.load_config("configs/synthetic.py", {
+    from cmmp_jax import config_checks, sharding, state, steps
+    from configs import synthetic
+    config = synthetic.get_config()
+    config.update_from_flattened_dict({
         "model.width": 0.125, "model.depths": (1, 1, 1, 1), "batch_size": 8,
         "optimizer.schedule": "constant",
         # Adam divides by sqrt(v) + eps: with the default 1e-8, weights whose gradient is ~0
         # turn reduction-order rounding into +-lr steps. A larger eps keeps the comparison to
         # float tolerance without changing what is compared.
         "optimizer.eps": 1e-3})
+    config_checks.validate(config)
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1.6, 1.6, (8, 32, 32, 3)).astype(np.float32),
              "aux": rng.uniform(-1.6, 1.6, (8, 32, 32, 1)).astype(np.float32),
@@ -98,8 +102,10 @@ def test_two_processes_train_a_step_together(tmp_path, one_device):
   np.testing.assert_allclose(two["sums"], one["sums"], rtol=1e-4, atol=1e-4)
 
 
-def _main_py_two_processes(workdir, data_dir, steps, log_name, terminate_process_1_at=None):
-  """Runs main.py as two jax.distributed processes; returns their exit codes and logs."""
+def _main_py_two_processes(workdir, data_dir, steps, log_name, terminate_process_1_at=None,
+                           mode="train"):
+  """Runs main.py --mode=MODE as two jax.distributed processes; returns their exit codes and
+  logs."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -114,12 +120,13 @@ def _main_py_two_processes(workdir, data_dir, steps, log_name, terminate_process
         "--config.checkpoint_every_steps=3", "--config.log_every_steps=3",
         "--config.batch_size=2", "--config.eval_batch_size=2", "--config.model.width=0.125",
         "--config.model.depths=(1,1,1,1)", f"--coordinator_address=localhost:{port}",
-        "--num_processes=2", f"--process_id={i}"], cwd=REPO, env=env,
+        "--num_processes=2", f"--process_id={i}", f"--mode={mode}"], cwd=REPO, env=env,
         stdout=open(logs[i], "w"), stderr=subprocess.STDOUT))
   if terminate_process_1_at is not None:
-    import time  # pylint: disable=import-outside-toplevel
     deadline = time.time() + 600
-    while f"step {terminate_process_1_at}/" not in logs[1].read_text():
+    progress_1 = workdir / "log.1.txt"  # process 1's progress lines go to its log file only
+    while not progress_1.exists() or f"step {terminate_process_1_at}/" not in (
+        progress_1.read_text()):
       assert time.time() < deadline and running[1].poll() is None, logs[1].read_text()[-3000:]
       time.sleep(0.5)
     running[1].terminate()  # SIGTERM: a preemption notice to one host only
@@ -141,6 +148,11 @@ def test_main_py_on_two_processes_trains_resumes_and_survives_a_preemption(tmp_p
       "3", "6"]
   assert {p.name for p in (workdir / "checkpoints" / "6" / "data_iter").iterdir()} >= {
       "process_0-of-2.json", "process_1-of-2.json"}
+  codes, logs = _main_py_two_processes(workdir, data_dir, 6, "eval", mode="eval")
+  assert codes == [0, 0], [log[-3000:] for log in logs]
+  assert list(workdir.glob("eval_test_*.json")), sorted(p.name for p in workdir.iterdir())
+  codes, logs = _main_py_two_processes(workdir, data_dir, 6, "predict", mode="predict")
+  assert codes == [0, 0], [log[-3000:] for log in logs]
   assert "2 files by process 0" in logs[0] and "2 files by process 1" in logs[1]
   assert len(list((workdir / "predictions").glob("*_prob.png"))) == 2
   codes, logs = _main_py_two_processes(workdir, data_dir, 400, "second",

@@ -6,12 +6,16 @@ config.data.build_if_missing or manual_dir allows); `train_loader` and `eval_bat
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import pathlib
+import time
 
 from absl import logging
 import jax
+import tensorflow_datasets as tfds
 
-from cmmp_jax import sharding
+from cmmp_jax import reporting, sharding
 from cmmp_jax.data import pipeline
 from cmmp_jax.data.augment import AugmentConfig
 from data_builders import build as build_lib
@@ -28,10 +32,11 @@ def dataset_source(config, split: str):
   builder_config = data.config or None
   if not build_lib.is_built(data.name, data_dir, builder_config):
     if data.build_if_missing or data.manual_dir:
-      logging.info("building dataset %s/%s into %s", data.name, builder_config, data_dir)
-      print(f"Building dataset {data.name}/{builder_config} into {data_dir} ...", flush=True)
+      reporting.console(f"building dataset {data.name}/{builder_config} into {data_dir} ...")
       if sharding.is_primary():
-        build_lib.build(data.name, data_dir, builder_config, manual_dir=data.manual_dir or None)
+        start = time.monotonic()
+        _build_quietly(data, data_dir, builder_config)
+        reporting.console(f"built in {time.monotonic() - start:.1f} s")
       sharding.sync_processes("dataset-built")
     else:
       cmd = (f"python -m data_builders.build {data.name}"
@@ -45,6 +50,18 @@ def dataset_source(config, split: str):
     raise ValueError(f"config.data split {split!r} is not one of {list(builder.info.splits)} "
                      f"of dataset {data.name}")
   return builder.as_data_source(split=split)
+
+
+def _build_quietly(data, data_dir: pathlib.Path, builder_config: str | None) -> None:
+  """Builds the dataset with TFDS's progress bars and banners (written for the build command's
+  console) sent to the run's log file instead."""
+  captured = io.StringIO()
+  tfds.display_progress_bar(False)  # a run's console has its own progress lines
+  try:
+    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+      build_lib.build(data.name, data_dir, builder_config, manual_dir=data.manual_dir or None)
+  finally:
+    logging.info("dataset build output:\n%s", captured.getvalue())
 
 
 def input_size(config) -> int | None:

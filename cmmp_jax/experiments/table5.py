@@ -18,7 +18,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cmmp_jax import config_checks
+from cmmp_jax import config_checks, reporting, train
 from configs import presets
 
 MODELS = ("image_only", "aux_only", "early_fusion", "late_fusion", "cmmpnet")
@@ -55,7 +55,6 @@ def format_table(rows) -> str:
 def run(config, workdir, models=MODELS, seeds=(0,)) -> list:
   """The CLI's work: trains config with each model's preset and each seed, prints the table and
   returns its rows (model name, [summary per seed])."""
-  from cmmp_jax import reporting, train  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   results = {name: [] for name in models}
   for seed in seeds:
@@ -63,7 +62,7 @@ def run(config, workdir, models=MODELS, seeds=(0,)) -> list:
       run_config = presets.apply(copy.deepcopy(config), name)
       run_config.seed = seed
       config_checks.validate(run_config)
-      print(f"=== {name}, seed {seed}", flush=True)
+      reporting.console(f"=== {name}, seed {seed}")
       # Seed 0 runs in WORKDIR/<model> (the single-seed layout), others in WORKDIR/seed<k>/<model>.
       run_dir = workdir / name if seed == 0 else workdir / f"seed{seed}" / name
       summary = train.train_and_evaluate(run_config, str(run_dir))
@@ -83,20 +82,13 @@ def define_flags() -> None:
       "--config.a.b=value overrides apply to every run.", lock_config=True)
   flags.DEFINE_string("workdir", "runs/table5", "One subfolder per model (and seed).")
   flags.DEFINE_list("models", list(MODELS), "Presets, one row each (configs/presets.py).")
-  flags.DEFINE_list("seeds", ["0"], "Seeds (initialisation and data order); the table gives "
-                    "mean +- standard deviation over them.")
+  config_checks.define_integer_list("seeds", [0], "Seeds (initialisation and data order); the "
+                                    "table gives mean +- standard deviation over them.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = flags.FLAGS.config
-  config_checks.validate(config)
-  try:
-    seeds = [int(x) for x in flags.FLAGS.seeds]
-  except ValueError as error:
-    raise app.UsageError(f"--seeds must be integers, got {flags.FLAGS.seeds}") from error
-  run(config, flags.FLAGS.workdir, flags.FLAGS.models, seeds)
+  config = config_checks.config_from_flags(argv)
+  run(config, flags.FLAGS.workdir, flags.FLAGS.models, flags.FLAGS.seeds)
 
 
 if __name__ == "__main__":

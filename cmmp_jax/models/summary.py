@@ -74,21 +74,14 @@ def define_flags() -> None:
   """The command line's flags (defined only when this module runs as the program)."""
   config_flags.DEFINE_config_file("config", "configs/bjroad.py", "Config file (with :presets).",
                                   lock_config=True)
-  flags.DEFINE_list("sizes", ["512", "1024"], "Input sides (square) to count FLOPs at.")
+  config_checks.define_integer_list("sizes", [512, 1024], "Input sides (square) to count FLOPs at.")
   flags.DEFINE_list("models", list(MODELS), "Model names (config.model.name values).")
   flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = flags.FLAGS.config
-  config_checks.validate(config)
-  try:
-    sizes = [int(s) for s in flags.FLAGS.sizes]
-  except ValueError as error:
-    raise app.UsageError(f"--sizes must be integers, got {flags.FLAGS.sizes}") from error
-  run(config, flags.FLAGS.models, sizes, flags.FLAGS.json)
+  config = config_checks.config_from_flags(argv)
+  run(config, flags.FLAGS.models, flags.FLAGS.sizes, flags.FLAGS.json)
 
 
 if __name__ == "__main__":
