@@ -46,13 +46,13 @@ def main(argv):
   if FLAGS.jax_distributed or os.environ.get("JAX_COORDINATOR_ADDRESS") or any(
       x is not None for x in explicit):
     jax.distributed.initialize(*explicit)
-  reporting.log_to_workdir(FLAGS.workdir)
-  if FLAGS.mode == "train":
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == "eval":
-    evaluate.evaluate(config, FLAGS.workdir)
-  else:
-    predict.predict_from_checkpoint(config, FLAGS.workdir)
+  with reporting.log_to_workdir(FLAGS.workdir):
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+      evaluate.evaluate(config, FLAGS.workdir)
+    else:
+      predict.predict_from_checkpoint(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

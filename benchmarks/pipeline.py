@@ -12,7 +12,6 @@ uses N grain worker processes. The first batch of every worker (start-up) is not
 """
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 import time
@@ -22,7 +21,6 @@ from absl import app
 from absl import flags
 import cv2
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from data_builders import common
@@ -30,13 +28,6 @@ from data_builders import common
 from cmmp_jax import config_checks
 from cmmp_jax.data import pipeline
 from cmmp_jax.data.augment import AugmentConfig
-
-
-def _png(array: np.ndarray) -> bytes:
-  """PNG bytes of a uint8 (H, W, C) array, C in {1, 3}."""
-  buffer = io.BytesIO()
-  Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format='PNG')
-  return buffer.getvalue()
 
 
 def synthetic_tile(index: int, size: int) -> dict[str, np.ndarray]:
@@ -74,11 +65,8 @@ class SyntheticTiles(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     for index in range(self._num_tiles):
-      tile = synthetic_tile(index, self._tile_size)
       tile_id = f'synthetic_{index}'
-      yield tile_id, {'image': _png(tile['image']), 'aux': _png(tile['aux']),
-                      'mask': _png(tile['mask']), 'tile_id': tile_id,
-                      'bounds': np.full(4, np.nan, np.float32)}
+      yield tile_id, common.make_example(tile_id, **synthetic_tile(index, self._tile_size))
 
 
 def build_synthetic_source(data_dir: str, size: int, num_examples: int) -> Any:

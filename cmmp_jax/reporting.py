@@ -7,12 +7,14 @@ INFO logs from orbax, TFDS, grain, the parameter table, every scalar) goes to WO
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as py_logging
 import math
 import os
 import pathlib
 import time
+from typing import Iterator
 
 from absl import flags
 from absl import logging
@@ -45,23 +47,32 @@ def quiet_console() -> None:
   logging.get_absl_logger().setLevel(min(console_level, py_logging.INFO))
 
 
-def log_to_workdir(workdir: str | os.PathLike) -> pathlib.Path:
-  """Appends every log record of INFO and above (all processes' own records; process i > 0 writes
-  log.<i>.txt) to a file in workdir. Returns its path."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  name = LOG_FILE if jax.process_index() == 0 else f"log.{jax.process_index()}.txt"
-  path = workdir / name
+def log_path(workdir: str | os.PathLike) -> pathlib.Path:
+  """WORKDIR/log.txt (process i > 0 of a multi-host run: log.<i>.txt)."""
+  index = jax.process_index()
+  return pathlib.Path(workdir).absolute() / (LOG_FILE if index == 0 else f"log.{index}.txt")
+
+
+@contextlib.contextmanager
+def log_to_workdir(workdir: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Within the block, appends every log record of INFO and above to log_path(workdir) (nested
+  blocks for the same workdir share one file handler). Yields the file's path."""
+  path = log_path(workdir)
   root = py_logging.getLogger()
-  for handler in root.handlers:
-    if isinstance(handler, py_logging.FileHandler) and pathlib.Path(
-        handler.baseFilename) == path.absolute():
-      return path  # already logging there (a second mode in the same process)
+  if any(isinstance(h, py_logging.FileHandler) and pathlib.Path(h.baseFilename) == path
+         for h in root.handlers):
+    yield path
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
   handler = py_logging.FileHandler(path, encoding="utf-8")
   handler.setLevel(py_logging.INFO)
   handler.setFormatter(py_logging.Formatter(_LOG_FORMAT))
   root.addHandler(handler)
-  return path
+  try:
+    yield path
+  finally:
+    root.removeHandler(handler)
+    handler.close()
 
 
 def metric_writer(workdir) -> metric_writers.MetricWriter:

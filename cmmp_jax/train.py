@@ -87,10 +87,13 @@ def initial_state(config, example, total_steps: int, mesh):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains config.model on config.data, evaluating and checkpointing; resumes from the latest
   checkpoint in workdir. Returns the final summary (best validation and its test metrics), also
-  written to WORKDIR/train_summary.json."""
-  workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  log_path = reporting.log_to_workdir(workdir)
+  written to WORKDIR/train_summary.json. Everything logged meanwhile also goes to
+  WORKDIR/log.txt."""
+  with reporting.log_to_workdir(workdir):
+    return _train_and_evaluate(config, pathlib.Path(workdir).absolute())
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   mesh = sharding.make_mesh()
 
   train_source = sources.dataset_source(config, config.data.train_split)
@@ -132,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"data {config.data.name}/{config.data.config}: {len(train_source)} train examples, "
       f"{steps_per_epoch} steps/epoch of {config.batch_size}, {total_steps} steps; "
       f"{jax.device_count()} {jax.devices()[0].platform} device(s)\n"
-      f"log {log_path}, parameter table {params_path}")
+      f"log {reporting.log_path(workdir)}, parameter table {params_path}")
 
   train_step = steps.make_train_step(model, config, mesh)
   eval_step = steps.make_eval_step(model, mesh)

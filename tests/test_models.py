@@ -3,7 +3,6 @@ transposed-conv formulations, remat and the model builder's errors."""
 import numpy as np
 import pytest
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util

@@ -23,11 +23,18 @@ Dtype = Any
 FUSIONS = ("dem", "none", "gated")
 
 
-def check_input_size(image, multiple: int = 32):
+def check_inputs(image, aux, aux_channels: int, multiple: int = 32):
+  """image (N, H, W, 3) and aux (N, H, W, aux_channels), H and W multiples of `multiple` (the
+  encoder downsamples 32x and the decoder adds the skips back)."""
   h, w = image.shape[1:3]
   if h % multiple or w % multiple:
     raise ValueError(f"input height and width must be multiples of {multiple}, got {h}x{w}; "
                      "resize or pad the tiles (data.input_size)")
+  if aux.shape[-1] != aux_channels:
+    raise ValueError(f"aux has {aux.shape[-1]} channels but model.aux_channels is "
+                     f"{aux_channels}")
+  if image.shape[:3] != aux.shape[:3]:
+    raise ValueError(f"image {image.shape} and aux {aux.shape} differ in batch or size")
 
 
 class GatedFusion(nn.Module):
@@ -90,12 +97,7 @@ class DualBranchNet(nn.Module):
 
   @nn.compact
   def __call__(self, image, aux, train: bool = False):
-    check_input_size(image)
-    if aux.shape[-1] != self.aux_channels:
-      raise ValueError(f"aux has {aux.shape[-1]} channels but model.aux_channels is "
-                       f"{self.aux_channels}")
-    if image.shape[:3] != aux.shape[:3]:
-      raise ValueError(f"image {image.shape} and aux {aux.shape} differ in batch or size")
+    check_inputs(image, aux, self.aux_channels)
     img, ax = self._branch("image", False), self._branch("aux", True)
     fi, fa = img.encode_stem(image, train), ax.encode_stem(aux, train)
     skips = [(None, None)]
@@ -151,10 +153,7 @@ class SingleBranchNet(nn.Module):
 
   @nn.compact
   def __call__(self, image, aux, train: bool = False):
-    check_input_size(image)
-    if aux.shape[-1] != self.aux_channels:
-      raise ValueError(f"aux has {aux.shape[-1]} channels but model.aux_channels is "
-                       f"{self.aux_channels}")
+    check_inputs(image, aux, self.aux_channels)
     x = {"image": lambda: image, "aux": lambda: aux,
          "early_fusion": lambda: jnp.concatenate([image, aux], axis=-1)}.get(self.inputs)
     if x is None:
