@@ -15,12 +15,20 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # keep TensorFlow (via clu) o
 # miscompiles the train step on CPU in jaxlib 0.10.2: NaN gradients from step 2 on.)
 os.environ.setdefault("XLA_FLAGS", "--xla_llvm_disable_expensive_passes=true")
 
+import shutil
 import tempfile
 
-# One persistent compilation cache per test session (shared by the xdist workers): the end-to-end
-# tests build the same train and eval steps several times (train, resume, NaN run, eval).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), f"cmmp-jax-test-cache-{os.getppid()}"))
+# One persistent compilation cache per test session, shared by the xdist workers and the
+# subprocesses the tests start (they inherit this environment): most of the suite's time is XLA
+# compiling tiny models, and the same programs come back across tests and files (every model's
+# initialiser, the train and eval steps of train / resume / NaN run / eval / main.py). The
+# controller makes the folder before it starts the workers and removes it at the end; a folder
+# given in JAX_COMPILATION_CACHE_DIR is used as it is and kept (`make test-fast` keeps one across
+# runs: entries are keyed by program, jaxlib version and XLA flags, so a stale one is never hit).
+_OWN_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="cmmp-jax-test-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest
@@ -43,3 +51,73 @@ def realdata_dir(shared_dir) -> pathlib.Path:
   if not path.is_dir():
     pytest.skip(f"{path} is absent: real-data samples are not available here")
   return path
+
+
+
+
+# The order in which xdist (`-n 2`, the scheduler below) hands out the work, one test (or one
+# KEEP_TOGETHER unit) at a time to whichever worker is nearly idle. Tests match by node-id prefix,
+# the first match counting; ties keep the collection order; unlisted tests come last. First come
+# the tests that compile the initialisers shared with later ones (the tiny CMMPNet, its LinkNet
+# variant, the image-only model), so that the later ones find them in the compilation cache
+# instead of both workers compiling them at once; then the heaviest first (measured on a 2-core
+# CPU from an empty cache), so that the long end-to-end jobs start early and the many quick tests
+# fill in at the end.
+RUN_ORDER = (
+    "tests/test_models.py::test_every_model_runs_forward_and_backward[cmmpnet-dlinknet34]",
+    "tests/test_models.py::test_every_model_runs_forward_and_backward[gated_fusion-dlinknet34]",
+    "tests/test_models.py::test_every_model_runs_forward_and_backward[image_only-dlinknet34]",
+    "tests/test_models.py::test_every_model_runs_forward_and_backward[cmmpnet-linknet34]",
+    "tests/test_sharding.py",
+    "tests/test_train.py",
+    "tests/test_models.py::test_every_model_runs_forward_and_backward",
+    "tests/test_main.py",
+    "tests/test_benchmarks.py::test_entry_point_runs_end_to_end_and_writes_the_report",
+    "tests/test_models.py::test_spp_levels_set_global_fc_inputs[levels3]",
+    "tests/test_models.py::test_remat_gives_the_same_parameters_logits_and_gradients",
+    "tests/test_models.py::test_sun1d_decoder_shapes_and_bfloat16_compute",
+    "tests/test_benchmarks.py::test_bfloat16_step_agrees_and_remat_step_matches_float32",
+    "tests/test_parity.py",
+    "tests/test_models.py",
+)
+
+# Tests that share an expensive module fixture: one worker runs each of these units whole, so the
+# fixture is built once (test_sharding's 1-device subprocess, test_train's training run,
+# test_parity's converted release weights, test_models' tiny CMMPNet for the DEM ablations).
+# (xdist's own `--dist loadgroup` would do this with xdist_group marks, but with pytest 9.2 it
+# silently stops grouping: pytest-xdist issue #1386.)
+KEEP_TOGETHER = ("tests/test_sharding.py", "tests/test_train.py", "tests/test_parity.py",
+                 "tests/test_models.py::test_dem_ablations_change_tree_and_output")
+
+
+def _rank(item) -> int:
+  for rank, prefix in enumerate(RUN_ORDER):
+    if item.nodeid.startswith(prefix):
+      return rank
+  return len(RUN_ORDER)
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=_rank)  # stable, and the same on every xdist worker
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """xdist's default `--dist load`, with each KEEP_TOGETHER prefix a single unit of work, handed
+  out in collection order (RUN_ORDER); an explicit other --dist keeps its own scheduler."""
+  if config.getvalue("dist") != "load":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class RunOrderScheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      return next((prefix for prefix in KEEP_TOGETHER if nodeid.startswith(prefix)), nodeid)
+
+  config.option.loadscopereorder = False  # (LoadScope would put the units with most tests first)
+  return RunOrderScheduling(config, log)
+
+
+def pytest_sessionfinish(session):
+  if _OWN_CACHE_DIR and not hasattr(session.config, "workerinput"):  # the controller
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)

@@ -40,6 +40,7 @@ def _positive_finite(value, name):
   assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, value)
 
 
+@pytest.mark.slow
 def test_entry_point_runs_end_to_end_and_writes_the_report(tmp_path):
   path = tmp_path / "report.json"
   spec, options = _command_line(
@@ -218,6 +219,7 @@ def _he_normal_variables(spec, seed=0):
   return traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in values.items()})
 
 
+@pytest.mark.slow
 def test_bfloat16_step_agrees_and_remat_step_matches_float32():
   """One test, so that the float32 step is compiled once per run."""
   variables = _he_normal_variables(TINY_SPEC)

@@ -178,6 +178,7 @@ def test_adaptive_max_pool_matches_pytorch_bins(h, w, bins):
   assert adaptive_bin_edges(5, 4) == [(0, 2), (1, 3), (2, 4), (3, 5)]
 
 
+@pytest.mark.slow
 def test_convert_cli_writes_a_checkpoint_that_eval_loads(parity, tmp_path):
   """`python -m cmmp_jax.convert` on an .npz state_dict -> Orbax checkpoint -> the restored model
   reproduces the release's logits."""

@@ -1,6 +1,7 @@
 """Data parallelism: the same global batch on 1 and on 8 simulated CPU devices gives the same loss
 and updated parameters (BatchNorm statistics of the global batch), and two jax.distributed
-processes on localhost train a step together, each feeding its own half of the batch."""
+processes on localhost train a step together, each feeding its own half of the batch. (All three
+start from the state that the 1-device run initialises.)"""
 import json
 import os
 import pathlib
@@ -16,11 +17,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 STEP_SCRIPT = textwrap.dedent("""
     import json, sys
-    import jax, numpy as np
-    if len(sys.argv) > 3:  # multi-process: coordinator, process id
+    import flax, jax, numpy as np
+    out, variables_file, *distributed = sys.argv[1:]
+    if distributed:  # multi-process: coordinator, process id
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-      jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
-    from cmmp_jax import config_checks, sharding, state, steps
+      jax.distributed.initialize(distributed[0], num_processes=2, process_id=int(distributed[1]))
+    from cmmp_jax import config_checks, sharding, steps
+    from cmmp_jax import state as state_lib
     from configs import synthetic
     config = synthetic.get_config()
     config.update_from_flattened_dict({
@@ -38,7 +41,16 @@ STEP_SCRIPT = textwrap.dedent("""
     n, i = jax.process_count(), jax.process_index()
     local = {k: v[i * 8 // n:(i + 1) * 8 // n] for k, v in batch.items()}
     mesh = sharding.make_mesh()
-    model, state = state.init_state(config, (1, 32, 32, 3), (1, 32, 32, 1), 10)
+    if jax.device_count() == 1:  # the reference run: state_lib.init_state, whose start it saves
+      variables, run_key = state_lib.init_variables(config, (1, 32, 32, 3), (1, 32, 32, 1))
+      with open(variables_file, "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(
+            {**jax.device_get(variables), "rng": np.asarray(run_key)}))
+    else:  # the same start (its initialiser would compile anew for another device topology)
+      with open(variables_file, "rb") as f:
+        variables = flax.serialization.msgpack_restore(f.read())
+      run_key = variables.pop("rng")
+    model, state = state_lib.create_state(config, variables, 10, run_key)
     state = sharding.put_replicated(state, mesh)
     batch = sharding.to_global_batch(local, mesh)
     step = steps.make_train_step(model, config, mesh).lower(state, batch).compile()
@@ -53,26 +65,32 @@ STEP_SCRIPT = textwrap.dedent("""
     leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats))
     sums = [float(np.asarray(jax.device_get(x), np.float64).sum()) for x in leaves]
     if i == 0:
-      json.dump({"devices": jax.device_count(), "losses": losses, "sums": sums},
-                open(sys.argv[1], "w"))
+      json.dump({"devices": jax.device_count(), "losses": losses, "sums": sums}, open(out, "w"))
 """)
 
 
-def _run(tmp_path, devices, extra_args=(), env_extra=None, procs=1):
+def _run(tmp_path, devices, variables_file, procs=1):
+  """STEP_SCRIPT on `devices` simulated CPU devices in each of `procs` processes. The 1-device run
+  initialises the model and saves its start in variables_file; the others start from it."""
   script = tmp_path / "step.py"
   script.write_text(STEP_SCRIPT)
   out = tmp_path / f"out_{devices}_{procs}.json"
+  # The test session's XLA flags (tests/conftest.py: faster compiles, the same results) plus the
+  # device count. With the same flags, the 1-device run finds the tiny CMMPNet's initialiser that
+  # the in-process tests compile in the session's compilation cache.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env_extra or {})}
+         "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
+                                f"--xla_force_host_platform_device_count={devices}"]).strip()}
   if procs == 1:
-    subprocess.run([sys.executable, str(script), str(out)], cwd=REPO, env=env, check=True,
-                   timeout=600)
+    subprocess.run([sys.executable, str(script), str(out), str(variables_file)], cwd=REPO, env=env,
+                   check=True, timeout=600)
   else:
     with socket.socket() as s:
       s.bind(("localhost", 0))
       port = s.getsockname()[1]
-    running = [subprocess.Popen([sys.executable, str(script), str(out), f"localhost:{port}",
-                                 str(p)], cwd=REPO, env=env) for p in range(procs)]
+    running = [subprocess.Popen([sys.executable, str(script), str(out), str(variables_file),
+                                 f"localhost:{port}", str(p)], cwd=REPO, env=env)
+               for p in range(procs)]
     codes = [p.wait(timeout=600) for p in running]
     assert codes == [0] * procs, codes
   return json.loads(out.read_text())
@@ -80,23 +98,29 @@ def _run(tmp_path, devices, extra_args=(), env_extra=None, procs=1):
 
 import pytest
 
+# (Under xdist one worker runs the whole module, so that `one_device` is computed once: KEEP_TOGETHER
+# in tests/conftest.py.)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
-  return _run(tmp_path_factory.mktemp("one"), 1)
+  """The 1-device result, and the file of the initial state that the other runs start from."""
+  folder = tmp_path_factory.mktemp("one")
+  return _run(folder, 1, folder / "variables.msgpack"), folder / "variables.msgpack"
 
 
 def test_one_device_equals_eight_devices(tmp_path, one_device):
-  one = one_device
-  eight = _run(tmp_path, 8)
+  one, variables_file = one_device
+  eight = _run(tmp_path, 8, variables_file)
   assert one["devices"] == 1 and eight["devices"] == 8
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
   np.testing.assert_allclose(eight["sums"], one["sums"], rtol=1e-4, atol=1e-4)
 
 
 def test_two_processes_train_a_step_together(tmp_path, one_device):
-  one = one_device
-  two = _run(tmp_path, 1, procs=2)
+  one, variables_file = one_device
+  two = _run(tmp_path, 1, variables_file, procs=2)
   assert two["devices"] == 2
   np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
   np.testing.assert_allclose(two["sums"], one["sums"], rtol=1e-4, atol=1e-4)

@@ -13,10 +13,15 @@ from cmmp_jax import state as state_lib
 from cmmp_jax.data import sources
 from configs import synthetic
 
+# One residual block per encoder stage (as tests/test_models.py and tests/test_sharding.py): what
+# is tested here (checkpoints, resume, evaluation, errors) does not depend on the depth, and the
+# same tiny CMMPNet's compiled initialiser is shared with those files through the compilation
+# cache (tests/conftest.py).
 TINY_OVERRIDES = {
     "data.config": "tiny", "num_train_steps": 6, "eval_every_steps": 3,
     "checkpoint_every_steps": 3, "log_every_steps": 3, "batch_size": 2, "eval_batch_size": 2,
-    "model.width": 0.125, "optimizer.schedule": "constant", "image_summaries": 2,
+    "model.width": 0.125, "model.depths": (1, 1, 1, 1), "optimizer.schedule": "constant",
+    "image_summaries": 2,
 }
 
 
@@ -50,6 +55,7 @@ def trained(tmp_path_factory, data_dir):
   return config, workdir, summary
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_summaries_and_metrics(trained):
   config, workdir, summary = trained
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
@@ -62,6 +68,7 @@ def test_training_writes_checkpoints_summaries_and_metrics(trained):
   assert step == 6 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(trained, tmp_path):
   """Kill after step 3 (here: drop the later checkpoint), resume: the same step-6 state as the
   uninterrupted run (params, BatchNorm statistics, optimizer, data order)."""
@@ -80,6 +87,7 @@ def test_resume_continues_exactly(trained, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_mode_writes_metrics_json(trained):
   config, workdir, _ = trained
   result = evaluate.evaluate(config, str(workdir), split="test")
@@ -89,6 +97,7 @@ def test_eval_mode_writes_metrics_json(trained):
     assert key in saved
 
 
+@pytest.mark.slow
 def test_predict_writes_road_maps_of_test_tiles(trained, tmp_path):
   from cmmp_jax import predict
   config, workdir, _ = trained
@@ -104,6 +113,7 @@ def test_predict_writes_road_maps_of_test_tiles(trained, tmp_path):
   assert road.shape == (64, 64) and set(np.unique(road)) <= {0, 255}
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused_without_damage(trained):
   config, workdir, _ = trained
   before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
@@ -124,6 +134,7 @@ def test_missing_dataset_is_named(tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(trained, tmp_path):
   """Adam with lr 1e38 moves every weight to +-1e38 in step 1; step 2's activations overflow."""
   config, _, _ = trained
@@ -150,6 +161,7 @@ def test_plateau_schedule_follows_the_release():
   assert trace[8] == (0.001, False) and trace[11] == (0.0001, True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("at_step", [2, 3])
 def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch, at_step):
   """Preemption: SIGTERM during step 2 -> the run saves step 2 and returns; a rerun resumes.
@@ -182,6 +194,7 @@ def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch, at_step):
     assert "6" in [p.name for p in (run / "checkpoints").iterdir()]
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_leaves_the_whole_state_unchanged():
   """The guard in steps.make_train_step: a NaN input gives a NaN loss; params, Adam moments, BatchNorm
   statistics and the step count stay what they were (and a finite batch does change them)."""
