@@ -3,10 +3,10 @@
 #   make test  - run the test suite
 # Both create .venv from the pinned requirements.txt when it is absent, as does
 #   make test-fast - the quick inner loop: the suite without the tests marked slow (end-to-end
-#                training, subprocess jobs, every model's forward and backward), about 2 minutes
-#                on a 2-core CPU. Its XLA compilation cache is kept across runs (in
-#                /tmp/cmmp-jax-test-fast-cache; delete it to reclaim the space), so a rerun is
-#                quicker still. `make test` (what CI runs) runs everything, from an empty cache.
+#                training, subprocess jobs, every model's forward and backward), about 70 s on a
+#                2-core CPU. Its XLA compilation cache is kept across runs (in
+#                /tmp/cmmp-jax-test-fast-cache; delete it to reclaim the space), so a rerun takes
+#                under a minute. `make test` (what CI runs) runs everything, from an empty cache.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -20,11 +20,12 @@ import tempfile
 
 # One persistent compilation cache per test session, shared by the xdist workers and the
 # subprocesses the tests start (they inherit this environment): most of the suite's time is XLA
-# compiling tiny models, and the same programs come back across tests and files (every model's
-# initialiser, the train and eval steps of train / resume / NaN run / eval / main.py). The
-# controller makes the folder before it starts the workers and removes it at the end; a folder
-# given in JAX_COMPILATION_CACHE_DIR is used as it is and kept (`make test-fast` keeps one across
-# runs: entries are keyed by program, jaxlib version and XLA flags, so a stale one is never hit).
+# compiling tiny models, and the same programs come back across tests and files (the tiny
+# CMMPNet's initialiser and its train and eval steps in test_train's runs, test_sharding's 1-device
+# run and test_main's main.py). The controller makes the folder before it starts the workers and
+# removes it at the end; a folder given in JAX_COMPILATION_CACHE_DIR is used as it is and kept
+# (`make test-fast` keeps one across runs: entries are keyed by program, jaxlib version and XLA
+# flags, so a stale one is never hit).
 _OWN_CACHE_DIR = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="cmmp-jax-test-cache-")
@@ -53,29 +54,25 @@ def realdata_dir(shared_dir) -> pathlib.Path:
   return path
 
 
-
-
 # The order in which xdist (`-n 2`, the scheduler below) hands out the work, one test (or one
 # KEEP_TOGETHER unit) at a time to whichever worker is nearly idle. Tests match by node-id prefix,
-# the first match counting; ties keep the collection order; unlisted tests come last. First come
-# the tests that compile the initialisers shared with later ones (the tiny CMMPNet, its LinkNet
-# variant, the image-only model), so that the later ones find them in the compilation cache
-# instead of both workers compiling them at once; then the heaviest first (measured on a 2-core
-# CPU from an empty cache), so that the long end-to-end jobs start early and the many quick tests
-# fill in at the end.
+# the first match counting; ties keep the collection order; unlisted tests come last. Heaviest
+# first (measured on a 2-core CPU from an empty cache), so that the long jobs start early and the
+# many quick tests fill in at the end; and test_sharding's 1-device run, which compiles the tiny
+# CMMPNet's initialiser, some minutes of test_models ahead of test_train and test_main, which
+# then find it in the compilation cache instead of both workers compiling it at once.
 RUN_ORDER = (
+    "tests/test_sharding.py",
+    "tests/test_models.py::test_every_model_runs_forward_and_backward[cmmpnet-resunet]",
     "tests/test_models.py::test_every_model_runs_forward_and_backward[cmmpnet-dlinknet34]",
     "tests/test_models.py::test_every_model_runs_forward_and_backward[gated_fusion-dlinknet34]",
-    "tests/test_models.py::test_every_model_runs_forward_and_backward[image_only-dlinknet34]",
     "tests/test_models.py::test_every_model_runs_forward_and_backward[cmmpnet-linknet34]",
-    "tests/test_sharding.py",
     "tests/test_train.py",
     "tests/test_models.py::test_every_model_runs_forward_and_backward",
-    "tests/test_main.py",
     "tests/test_benchmarks.py::test_entry_point_runs_end_to_end_and_writes_the_report",
-    "tests/test_models.py::test_spp_levels_set_global_fc_inputs[levels3]",
-    "tests/test_models.py::test_remat_gives_the_same_parameters_logits_and_gradients",
+    "tests/test_main.py",
     "tests/test_models.py::test_sun1d_decoder_shapes_and_bfloat16_compute",
+    "tests/test_models.py::test_remat_gives_the_same_parameters_logits_and_gradients",
     "tests/test_benchmarks.py::test_bfloat16_step_agrees_and_remat_step_matches_float32",
     "tests/test_parity.py",
     "tests/test_models.py",

@@ -53,12 +53,7 @@ STEP_SCRIPT = textwrap.dedent("""
     model, state = state_lib.create_state(config, variables, 10, run_key)
     state = sharding.put_replicated(state, mesh)
     batch = sharding.to_global_batch(local, mesh)
-    lowered = steps.make_train_step(model, config, mesh).lower(state, batch)
-    if i > 0:  # process 0 compiles first; the other then loads the same program from the test
-      sharding.sync_processes("process 0 compiled")  # session's compilation cache
-    step = lowered.compile()
-    if n > 1 and i == 0:
-      sharding.sync_processes("process 0 compiled")
+    step = steps.make_train_step(model, config, mesh).lower(state, batch).compile()
     if n > 1:
       # Processes compile at different speeds on a loaded machine; meet before the first
       # collective so that gloo's 30 s connection timeout cannot expire (what train does).
@@ -81,8 +76,9 @@ def _run(tmp_path, devices, variables_file, procs=1):
   script.write_text(STEP_SCRIPT)
   out = tmp_path / f"out_{devices}_{procs}.json"
   # The test session's XLA flags (tests/conftest.py: faster compiles, the same results) plus the
-  # device count. With the same flags, the 1-device run finds the tiny CMMPNet's initialiser that
-  # the in-process tests compile in the session's compilation cache.
+  # device count (which the compilation cache's key leaves out): the 1-device run's initialiser of
+  # the tiny CMMPNet is then the very program that test_train and test_main use, compiled once per
+  # session (the session's compilation cache).
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
          "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
                                 f"--xla_force_host_platform_device_count={devices}"]).strip()}

@@ -13,10 +13,11 @@ from cmmp_jax import state as state_lib
 from cmmp_jax.data import sources
 from configs import synthetic
 
-# One residual block per encoder stage (as tests/test_models.py and tests/test_sharding.py): what
-# is tested here (checkpoints, resume, evaluation, errors) does not depend on the depth, and the
-# same tiny CMMPNet's compiled initialiser is shared with those files through the compilation
-# cache (tests/conftest.py).
+# One residual block per encoder stage (as in tests/test_models.py, test_sharding.py and
+# test_main.py): what is tested here (checkpoints, resume, evaluation, errors) does not depend on
+# the depth, it compiles in a fraction of the time, and the compiled initialiser and steps of this
+# tiny CMMPNet are shared with test_sharding and test_main through the session's compilation cache
+# (tests/conftest.py).
 TINY_OVERRIDES = {
     "data.config": "tiny", "num_train_steps": 6, "eval_every_steps": 3,
     "checkpoint_every_steps": 3, "log_every_steps": 3, "batch_size": 2, "eval_batch_size": 2,
