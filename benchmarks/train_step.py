@@ -52,7 +52,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from cmmp_jax import config_checks, convert, sharding
+from cmmp_jax import config_checks, convert, models, sharding
 from cmmp_jax import state as state_lib
 from cmmp_jax import steps as step_fns
 from configs import default as default_config
@@ -253,7 +253,10 @@ def initial_variables(spec: StepSpec) -> dict:
   random init of training). Parameters do not depend on dtype, remat or upsample_method, so one
   set serves every variant of a model, width, depths and aux_channels."""
   config = spec.config()
-  shape = (1, spec.size, spec.size)
+  # Initialised on 64 px inputs whatever spec.size: the values are the same (they depend on the
+  # seed and the shapes of the parameters only), and initialising at 1024 px would compile (and
+  # on a GPU autotune) a full-size forward pass for nothing.
+  shape = (1, 64, 64)
   _, state = state_lib.init_state(config, (*shape, 3), (*shape, spec.aux_channels))
   return jax.device_get({"params": flax.core.unfreeze(state.params),
                          "batch_stats": flax.core.unfreeze(state.batch_stats)})
@@ -476,6 +479,87 @@ def _model_flops_without_remat(spec: StepSpec, lowered_remat, compiled_flops: fl
   return compiled_flops * _lowered_flops(lowered) / _lowered_flops(lowered_remat)
 
 
+@dataclasses.dataclass
+class PreparedStep:
+  """A train or eval step traced and lowered for one spec, its inputs on the devices, not yet
+  compiled: compile() can run in a worker thread (XLA compiles with the GIL released), so that
+  several programs compile at once, and time() measures it afterwards on an idle device."""
+  kind: str  # 'train' or 'eval'
+  spec: StepSpec
+  mesh: Any
+  state: Any
+  batch: Any
+  lowered: Any
+  donate: bool = True
+  compiled: Any = None
+  compile_s: float | None = None
+
+  def compile(self) -> PreparedStep:
+    start = time.perf_counter()
+    self.compiled = self.lowered.compile()
+    self.compile_s = time.perf_counter() - start
+    return self
+
+  def time(self, *, steps: int = 20, warmup: int = 2,
+           peak: DevicePeak | None = None) -> dict[str, Any]:
+    """Times the compiled step (compiling it first if needed); see measure_train/measure_eval
+    for the keys. A train step consumes its (donated) state: time it once."""
+    if self.compiled is None:
+      self.compile()
+    cost = compiled_cost(self.compiled)
+    common = dict(spec=self.spec.to_dict(), devices=self.mesh.size, compile_s=self.compile_s,
+                  memory=compiled_memory(self.compiled))
+    if self.kind == "eval":
+      seconds = timed_calls(lambda: self.compiled(self.state, self.batch), steps, warmup)
+      report = speed_report(seconds, self.spec.batch, cost["flops"], cost["bytes_accessed"],
+                            self.mesh.size, peak, self.spec.dtype)
+      report.update(common, device_peak_bytes=device_memory_peak(self.mesh.devices.flat))
+      return report
+    model_flops = (_model_flops_without_remat(self.spec, self.lowered, cost["flops"], self.state,
+                                              self.batch, self.mesh, self.donate)
+                   if self.spec.remat else None)
+    metrics = []
+    holder = {"state": self.state}
+    self.state = None  # donated to the first call
+
+    def call():
+      holder["state"], step_metrics = self.compiled(holder["state"], self.batch)
+      metrics.append(step_metrics)
+      return holder["state"], step_metrics
+
+    seconds = timed_calls(call, steps, warmup)
+    fetched = jax.device_get(metrics)
+    report = speed_report(seconds, self.spec.batch, cost["flops"], cost["bytes_accessed"],
+                          self.mesh.size, peak, self.spec.dtype, model_flops)
+    report.update(
+        common, donate=self.donate, device_peak_bytes=device_memory_peak(self.mesh.devices.flat),
+        **residual_bytes(self.spec),
+        first_loss=float(fetched[0]["loss"]), last_loss=float(fetched[-1]["loss"]),
+        nonfinite_steps=int(sum(not bool(m["finite"]) for m in fetched)))
+    return report
+
+
+def prepare_train(spec: StepSpec, *, mesh=None, variables: Mapping[str, Any] | None = None,
+                  donate: bool = True) -> PreparedStep:
+  """steps.make_train_step for spec, lowered on one synthetic batch (state and batch placed on
+  mesh, default all devices)."""
+  mesh, model, state = _prepare(spec, variables, mesh)
+  batch = sharding.to_global_batch(synthetic_batch(spec.batch, spec.size, spec.aux_channels), mesh)
+  step = make_train_fn(model, spec.config(), mesh, donate=donate)
+  return PreparedStep("train", spec, mesh, state, batch, step.lower(state, batch), donate)
+
+
+def prepare_eval(spec: StepSpec, *, mesh=None,
+                 variables: Mapping[str, Any] | None = None) -> PreparedStep:
+  """steps.make_eval_step (forward, sigmoid, per-tile counts) for spec, lowered like
+  prepare_train."""
+  mesh, model, state = _prepare(spec, variables, mesh)
+  batch = sharding.to_global_batch(
+      synthetic_batch(spec.batch, spec.size, spec.aux_channels, with_valid=True), mesh)
+  step = step_fns.make_eval_step(model, mesh)
+  return PreparedStep("eval", spec, mesh, state, batch, step.lower(state, batch), donate=False)
+
+
 def measure_train(spec: StepSpec, *, steps: int = 20, warmup: int = 2, mesh=None,
                   variables: Mapping[str, Any] | None = None, donate: bool = True,
                   peak: DevicePeak | None = None) -> dict[str, Any]:
@@ -483,57 +567,67 @@ def measure_train(spec: StepSpec, *, steps: int = 20, warmup: int = 2, mesh=None
   'compile_s', 'memory' (compiled_memory), 'device_peak_bytes' (None on CPU), 'losses' first
   and last, 'nonfinite_steps' (steps whose loss or gradient was not finite: the step keeps the
   old state, the timing is still that of a full step), 'devices', 'spec', 'donate'."""
-  mesh, model, state = _prepare(spec, variables, mesh)
-  config = spec.config()
-  batch = sharding.to_global_batch(synthetic_batch(spec.batch, spec.size, spec.aux_channels), mesh)
-  step = make_train_fn(model, config, mesh, donate=donate)
-  start = time.perf_counter()
-  lowered = step.lower(state, batch)
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
-  cost = compiled_cost(compiled)
-  model_flops = (_model_flops_without_remat(spec, lowered, cost["flops"], state, batch, mesh,
-                                            donate) if spec.remat else None)
-  metrics = []
-  holder = {"state": state}
-
-  def call():
-    holder["state"], step_metrics = compiled(holder["state"], batch)
-    metrics.append(step_metrics)
-    return holder["state"], step_metrics
-
-  seconds = timed_calls(call, steps, warmup)
-  fetched = jax.device_get(metrics)
-  report = speed_report(seconds, spec.batch, cost["flops"], cost["bytes_accessed"], mesh.size,
-                        peak, spec.dtype, model_flops)
-  report.update(
-      spec=spec.to_dict(), devices=mesh.size, donate=donate, compile_s=compile_s,
-      memory=compiled_memory(compiled), device_peak_bytes=device_memory_peak(mesh.devices.flat),
-      **residual_bytes(spec),
-      first_loss=float(fetched[0]["loss"]), last_loss=float(fetched[-1]["loss"]),
-      nonfinite_steps=int(sum(not bool(m["finite"]) for m in fetched)))
-  return report
+  prepared = prepare_train(spec, mesh=mesh, variables=variables, donate=donate)
+  return prepared.compile().time(steps=steps, warmup=warmup, peak=peak)
 
 
 def measure_eval(spec: StepSpec, *, steps: int = 20, warmup: int = 2, mesh=None,
                  variables: Mapping[str, Any] | None = None,
                  peak: DevicePeak | None = None) -> dict[str, Any]:
   """Times steps.make_eval_step (forward, sigmoid, per-tile counts) like measure_train."""
-  mesh, model, state = _prepare(spec, variables, mesh)
-  batch = sharding.to_global_batch(
-      synthetic_batch(spec.batch, spec.size, spec.aux_channels, with_valid=True), mesh)
-  step = step_fns.make_eval_step(model, mesh)
+  prepared = prepare_eval(spec, mesh=mesh, variables=variables)
+  return prepared.compile().time(steps=steps, warmup=warmup, peak=peak)
+
+
+def _time_model_pass(kind: str, spec: StepSpec, fn, args, *, steps: int, warmup: int,
+                     mesh) -> dict[str, Any]:
+  """Compiles jitted fn on args, times it (timed_calls) and reports like speed_report without
+  the device-peak figures (the passes are compared with the release's, not with a roofline)."""
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
   cost = compiled_cost(compiled)
-  seconds = timed_calls(lambda: compiled(state, batch), steps, warmup)
+  seconds = timed_calls(lambda: compiled(*args), steps, warmup)
   report = speed_report(seconds, spec.batch, cost["flops"], cost["bytes_accessed"], mesh.size,
-                        peak, spec.dtype)
-  report.update(spec=spec.to_dict(), devices=mesh.size, compile_s=compile_s,
-                memory=compiled_memory(compiled),
-                device_peak_bytes=device_memory_peak(mesh.devices.flat))
+                        None, spec.dtype)
+  report.update(kind=kind, spec=spec.to_dict(), devices=mesh.size, compile_s=compile_s,
+                seconds=list(seconds))
   return report
+
+
+def measure_forward(spec: StepSpec, *, train: bool = True, steps: int = 20, warmup: int = 2,
+                    mesh=None, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Times the model's forward pass alone on one synthetic batch: train=True in training mode
+  (BatchNorm with the batch's statistics, updated statistics returned, nothing kept for a
+  backward pass), else in evaluation mode (running statistics; logits only, unlike the eval
+  step no sigmoid or counts). The release comparison (benchmarks.run's 'release' section) uses
+  it beside benchmarks.release_torch's forward. Keys as speed_report's (peak-free) plus 'kind',
+  'compile_s', 'seconds'."""
+  mesh, model, state = _prepare(spec, variables, mesh)
+  batch = sharding.to_global_batch(synthetic_batch(spec.batch, spec.size, spec.aux_channels), mesh)
+
+  def forward(params, batch_stats, image, aux):
+    v = {"params": params, "batch_stats": batch_stats}
+    if train:
+      return model.apply(v, image, aux, train=True, mutable=["batch_stats"])
+    return model.apply(v, image, aux, train=False)
+
+  args = (state.params, state.batch_stats, batch["image"], batch["aux"])
+  return _time_model_pass("forward_train" if train else "forward_eval", spec, jax.jit(forward),
+                          args, steps=steps, warmup=warmup, mesh=mesh)
+
+
+def measure_forward_backward(spec: StepSpec, *, steps: int = 20, warmup: int = 2, mesh=None,
+                             variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Times the training loss's forward and backward pass (steps.make_loss_fn: train-mode
+  forward, BCE + Dice, gradients of every parameter) without the optimizer update, gradient
+  norm or finiteness check of the train step; keys as measure_forward's."""
+  mesh, model, state = _prepare(spec, variables, mesh)
+  batch = sharding.to_global_batch(synthetic_batch(spec.batch, spec.size, spec.aux_channels), mesh)
+  grad_fn = jax.jit(jax.value_and_grad(step_fns.make_loss_fn(model, spec.config()), has_aux=True))
+  args = (state.params, state.batch_stats, batch)
+  return _time_model_pass("forward_backward", spec, grad_fn, args, steps=steps, warmup=warmup,
+                          mesh=mesh)
 
 
 def search_max_batch(fits: Callable[[int], bool], *, start: int, cap: int,
@@ -688,7 +782,8 @@ def spec_from_config(config: ml_collections.ConfigDict, size: int | None = None,
   extras = tuple(sorted((k, v) for k, v in model.items()
                         if k not in named and v != reference.get(k)))
   return StepSpec(model=model["name"], width=model["width"], depths=tuple(model["depths"]),
-                  dtype=model["dtype"], upsample_method=model["upsample_method"],
+                  dtype=model["dtype"],
+                  upsample_method=models.resolve_upsample_method(model["upsample_method"]),
                   remat=model["remat"], aux_channels=model["aux_channels"],
                   size=size or (CPU_DEFAULTS["size"] if cpu_defaults else 1024), batch=batch,
                   model_extras=extras)

@@ -23,7 +23,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("model.backbone", config.model.backbone, BACKBONES),
       ("model.dtype", config.model.dtype, ("float32", "bfloat16")),
       ("model.decoder", config.model.decoder, ("linknet", "sun1d")),
-      ("model.upsample_method", config.model.upsample_method, ("dilated", "subpixel")),
+      ("model.upsample_method", config.model.upsample_method,
+       ("auto", "dilated", "subpixel")),
       ("optimizer.schedule", config.optimizer.schedule, ("plateau", "cosine", "constant")),
       ("data.scaling", config.data.scaling, ("reference", "unit")),
   ]

@@ -18,10 +18,8 @@ from typing import Iterator
 
 from absl import flags
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
 import jax
-import tensorflow as tf
 
 LOG_FILE = "log.txt"
 PARAMETERS_FILE = "parameters.txt"
@@ -77,6 +75,10 @@ def log_to_workdir(workdir: str | os.PathLike) -> Iterator[pathlib.Path]:
 
 def metric_writer(workdir) -> metric_writers.MetricWriter:
   """TensorBoard summaries in workdir (process 0) and every scalar in the log file."""
+  # Imported here: clu's writers need TensorFlow, which nothing else that imports this module
+  # (the benchmarks, an accelerator machine without TensorFlow) needs.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:  # clu's writers run on TensorFlow: keep it off the accelerators JAX uses
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # TensorFlow's devices were initialised already (a second run)

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from cmmp_jax import checkpoint as ckpt_lib
-from cmmp_jax import convert, evaluate, reporting, sharding, state as state_lib, steps
+from cmmp_jax import convert, evaluate, models, reporting, sharding, state as state_lib, steps
 from cmmp_jax.data import sources
 
 
@@ -131,7 +131,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   logging.info("config:\n%s", config)
   reporting.console(
       f"{config.model.name} ({config.model.backbone}, width {config.model.width}, "
-      f"{config.model.dtype}): {state_lib.count_params(state):,} parameters, init {init}\n"
+      f"{config.model.dtype}, transposed convolutions "
+      f"{models.resolve_upsample_method(config.model.upsample_method)}"
+      f"{' (auto)' if config.model.upsample_method == 'auto' else ''}): "
+      f"{state_lib.count_params(state):,} parameters, init {init}\n"
       f"data {config.data.name}/{config.data.config}: {len(train_source)} train examples, "
       f"{steps_per_epoch} steps/epoch of {config.batch_size}, {total_steps} steps; "
       f"{jax.device_count()} {jax.devices()[0].platform} device(s)\n"

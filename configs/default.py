@@ -28,7 +28,10 @@ def get_config(preset: str = ""):
       spp_levels=(1, 2, 4),     # SPP bins per side (paper Fig. 8)
       local_kernel_size=1,      # 1 = release, 3 = paper text
       decoder="linknet",        # linknet | sun1d (Sun et al.'s 1D transposed convs)
-      upsample_method="dilated",  # dilated | subpixel (same results; speed differs)
+      # auto | dilated | subpixel: the same transposed convolutions, computed with the
+      # zero-dilated input or as four stride-1 convolutions interleaved; 'auto' takes the one
+      # measured faster on the backend (state.AUTO_UPSAMPLE_METHOD; logged at start).
+      upsample_method="auto",
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
       remat=False,              # rematerialise stem, blocks and DEMs (memory for FLOPs)
   ))

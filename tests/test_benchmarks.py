@@ -23,7 +23,7 @@ from cmmp_jax import state as state_lib
 TINY = ["--config.model.name=image_only", "--config.model.width=0.125",
         "--config.model.depths=(1,1,1,1)", "--size=64", "--batch=2", "--steps=2", "--warmup=1"]
 TINY_SPEC = step_lib.StepSpec(model="image_only", width=0.125, depths=(1, 1, 1, 1), size=64,
-                              batch=2)
+                              batch=2, upsample_method="subpixel")  # the config's 'auto' on CPU
 
 
 def _command_line(*args):

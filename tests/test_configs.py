@@ -108,3 +108,20 @@ def test_an_entry_point_reads_presets_and_overrides_from_its_command_line(tmp_pa
   full = synthetic.get_config()
   full.update_from_flattened_dict({"model.width": 0.125})
   assert row["params"] < summary.summarize(full.model.to_dict(), ["cmmpnet"], [64])[0]["params"]
+
+
+def test_auto_upsample_method_is_the_measured_fastest_per_backend():
+  from cmmp_jax import models, state as state_lib  # pylint: disable=g-import-not-at-top
+  config = bjroad.get_config()
+  assert config.model.upsample_method == "auto"
+  config_checks.validate(config)
+  # CPU: subpixel was measured faster (benchmarks/NOTES.md C2); GPU and TPU keep XLA's native
+  # form until the accelerator check has timed both there.
+  assert models.resolve_upsample_method("auto", "cpu") == "subpixel"
+  assert models.resolve_upsample_method("auto", "gpu") == "dilated"
+  assert models.resolve_upsample_method("auto", "tpu") == "dilated"
+  assert models.resolve_upsample_method("dilated", "cpu") == "dilated"  # explicit wins
+  assert state_lib.model_from_config(config).upsample_method == "subpixel"  # tests run on CPU
+  config.model.upsample_method = "transposed"
+  with pytest.raises(ValueError, match="model.upsample_method"):
+    config_checks.validate(config)

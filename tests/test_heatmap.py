@@ -314,3 +314,185 @@ def test_render_tiles_rejects_bad_inputs():
     hm.render_tiles([0.5], [0.5], [[0, 0, 1, 1]], 4, 4, chunk_size=0)
   with pytest.raises(ValueError, match="equal length"):  # raised at the call, not at next()
     hm.iter_render_tiles([[0.5]], [[0.5]], [[0, 0, 1, 1]], 4, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bit-exactness of the optimised renderers against the documented formula written plainly.
+
+
+def _reference_heatmap(cols, rows, height, width):
+  """h = log1p(count) / log1p(max count), 3x3 [1, 2, 1] blur with numpy's pad 'reflect', clip,
+  float32: the renderer as it was first written, before it was optimised."""
+  cols = np.asarray(cols, dtype=np.float64).ravel()
+  rows = np.asarray(rows, dtype=np.float64).ravel()
+  inside = (np.isfinite(cols) & np.isfinite(rows) & (cols >= 0) & (cols < width) & (rows >= 0)
+            & (rows < height))
+  flat = rows[inside].astype(np.int64) * width + cols[inside].astype(np.int64)
+  counts = np.bincount(flat, minlength=height * width).reshape(height, width)
+  if counts.max() == 0:
+    return np.zeros((height, width), np.float32)
+  normalised = np.log1p(counts.astype(np.float64)) / np.log1p(float(counts.max()))
+  padded = np.pad(normalised, 1, mode="reflect")
+  vertical = 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
+  blurred = 0.25 * vertical[:, :-2] + 0.5 * vertical[:, 1:-1] + 0.25 * vertical[:, 2:]
+  return np.clip(blurred, 0.0, 1.0).astype(np.float32)
+
+
+def _reference_tiles(lon, lat, tile_bounds, height, width):
+  tiles = []
+  for west, south, east, north in np.asarray(tile_bounds, dtype=np.float64):
+    lon64, lat64 = np.asarray(lon, np.float64), np.asarray(lat, np.float64)
+    cols = (lon64 - west) / (east - west) * width
+    rows = (north - lat64) / (north - south) * height
+    tiles.append(_reference_heatmap(cols, rows, height, width))
+  return np.stack(tiles)
+
+
+def test_heatmap_pinned_values_3x3_single_point():
+  # Reflect-101 on a 3 x 3 tile mirrors the centre onto every border, so the blurred single
+  # sample is 0.25 everywhere: vertical pass [0.5, 0.5, 0.5] in the middle column (the border
+  # rows see the centre twice), then each horizontal neighbour adds a quarter of it.
+  heatmap = hm.render_heatmap([1.5], [1.5], 3, 3)
+  np.testing.assert_array_equal(heatmap, np.full((3, 3), 0.25, np.float32))
+  # Counts 3 and 1: log1p(1) / log1p(3) is 0.5 exactly (log 4 is twice log 2 in binary too).
+  heatmap = hm.render_heatmap([0.5, 0.5, 0.5, 4.5], [0.5, 0.5, 0.5, 0.5], 1, 5)
+  # One row: the vertical pass is the identity; row [1, 0, 0, 0, 0.5] blurred with reflect-101.
+  np.testing.assert_array_equal(heatmap, np.array([[0.5, 0.25, 0.0, 0.125, 0.25]], np.float32))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 7), (16, 5), (64, 96)])
+def test_render_heatmap_bit_identical_to_reference(shape):
+  height, width = shape
+  rng = np.random.default_rng(height * 1000 + width)
+  for n in (1, 3, 50, 5000):
+    cols = rng.uniform(-0.3 * width, 1.3 * width, n)
+    rows = rng.uniform(-0.3 * height, 1.3 * height, n)
+    cols[::7] = np.floor(cols[::7])  # exactly on pixel edges
+    if n > 10:
+      cols[::11], rows[::13] = np.nan, np.inf
+    np.testing.assert_array_equal(hm.render_heatmap(cols, rows, height, width),
+                                  _reference_heatmap(cols, rows, height, width))
+  # Skewed counts: the maximum count exceeds the number of pixels (no look-up table then).
+  cols = rng.uniform(0, width, 20 * height * width + 20)
+  rows = rng.uniform(0, height, cols.size) ** 4 / height ** 3
+  np.testing.assert_array_equal(hm.render_heatmap(cols, rows, height, width),
+                                _reference_heatmap(cols, rows, height, width))
+
+
+def test_render_heatmap_blur_strips_do_not_change_bits(monkeypatch):
+  rng = np.random.default_rng(7)
+  cols, rows = rng.uniform(0, 13, 3000), rng.uniform(0, 11, 3000)
+  expected = _reference_heatmap(cols, rows, 11, 13)
+  for strip_values in (1, 15, 16, 40, 1 << 16):  # one row per strip ... the whole tile
+    monkeypatch.setattr(hm, "_BLUR_STRIP_VALUES", strip_values)
+    np.testing.assert_array_equal(hm.render_heatmap(cols, rows, 11, 13), expected)
+
+
+def test_render_channels_heatmap_and_means_bit_identical_to_reference():
+  rng = np.random.default_rng(8)
+  cols, rows = rng.uniform(-2, 10, 4000), rng.uniform(-2, 10, 4000)
+  speed = rng.uniform(0, 3000, 4000)
+  speed[::9] = np.nan
+  out = hm.render_channels(cols, rows, 8, 8, speed=speed, channels=("heatmap", "mean_speed"))
+  np.testing.assert_array_equal(out[..., 0], _reference_heatmap(cols, rows, 8, 8))
+  inside = (cols >= 0) & (cols < 8) & (rows >= 0) & (rows < 8) & np.isfinite(speed)
+  flat = rows[inside].astype(int) * 8 + cols[inside].astype(int)
+  unit = np.clip(speed[inside] / hm.SPEED_SCALE_M_PER_MIN, 0, 1)
+  sums = np.bincount(flat, weights=unit, minlength=64)
+  counts = np.bincount(flat, minlength=64)
+  mean = np.divide(sums, counts, out=np.zeros(64), where=counts > 0)
+  np.testing.assert_array_equal(out[..., 1], mean.reshape(8, 8).astype(np.float32))
+
+
+def _near(values, rng, n):
+  """n values at or within 3 ulps of randomly chosen `values`."""
+  picked = rng.choice(values, n)
+  steps = rng.integers(-3, 4, n)
+  for step in range(1, 4):
+    picked[steps >= step] = np.nextafter(picked[steps >= step], np.inf)
+    picked[steps <= -step] = np.nextafter(picked[steps <= -step], -np.inf)
+  return picked
+
+
+@pytest.mark.parametrize("edges", [
+    116.2 + 5.366e-6 * 256 * np.arange(5),  # a regular grid of tiles
+    np.sort(np.random.default_rng(9).uniform(0, 1, 30)),  # irregular
+    np.array([-1000.0, 0.0, 0.3, 0.5, 1.0]),  # one very wide gap
+    np.array([1e15, 1e15 + 0.125, 1e15 + 0.25, 1e15 + 1000]),  # bins near the float spacing
+    np.array([1.0, np.nextafter(1.0, 2), np.nextafter(np.nextafter(1.0, 2), 2)]),  # no table
+    np.array([-1e300, 1e300]),
+    np.array([0.0, 1e-300, 1.0]),
+])
+def test_sorted_edges_find_equals_searchsorted(edges):
+  rng = np.random.default_rng(10)
+  span = edges[-1] - edges[0]
+  values = np.concatenate([
+      _near(edges, rng, 5000), rng.uniform(edges[0] - span, edges[-1] + span, 5000), edges,
+      [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e308, -1e308, 5e-324, -5e-324]])
+  for side in ("left", "right"):
+    lookup = hm._SortedEdges(edges, side)
+    found = lookup.find(values, np.empty(values.size, np.intp), hm._Scratch())
+    np.testing.assert_array_equal(found, np.searchsorted(edges, values, side))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000, hm.DEFAULT_CHUNK_SIZE])
+def test_render_tiles_bit_identical_to_reference_any_chunking(chunk_size):
+  # An irregular grid (uneven column widths, a missing tile) at BJRoad-like coordinates.
+  xs = 116.2 + np.cumsum([0.0, 0.0013, 0.0021, 0.0013, 0.0017])
+  ys = 40.1 - np.cumsum([0.0, 0.0011, 0.0009, 0.0012])
+  tile_bounds = np.array([[xs[c], ys[r + 1], xs[c + 1], ys[r]]
+                          for r in range(3) for c in range(4) if (r, c) != (1, 2)])
+  rng = np.random.default_rng(11)
+  n = 3000 if chunk_size == 1 else 20000
+  lon = rng.uniform(xs[0] - 0.001, xs[-1] + 0.001, n)
+  lat = rng.uniform(ys[-1] - 0.001, ys[0] + 0.001, n)
+  edge_lon, edge_lat = _edge_points(tile_bounds)
+  lon = np.concatenate([lon, edge_lon, [np.nan, np.inf, 116.201, -np.inf]])
+  lat = np.concatenate([lat, edge_lat, [40.09, 40.09, np.nan, 40.09]])
+  bulk = hm.render_tiles(lon, lat, tile_bounds, 12, 10, chunk_size=chunk_size)
+  np.testing.assert_array_equal(bulk, _reference_tiles(lon, lat, tile_bounds, 12, 10))
+  assert (bulk.max(axis=(1, 2)) > 0).all()
+
+
+@pytest.mark.parametrize("height, width", [(9, 14), (300, 257)])
+def test_render_tiles_64_bit_keys_and_overlaps_bit_identical(monkeypatch, height, width):
+  # (tile, pixel) keys are uint32 unless there are too many; force the uint64 path.
+  monkeypatch.setattr(hm, "_MAX_32_BIT_KEYS", 0)
+  rng = np.random.default_rng(12)
+  west, south = rng.uniform(0, 1, 6), rng.uniform(0, 1, 6)
+  tile_bounds = np.stack([west, south, west + 0.4, south + 0.3], axis=1)
+  lon, lat = rng.uniform(-0.1, 1.5, 20000), rng.uniform(-0.1, 1.4, 20000)
+  bulk = hm.render_tiles(lon, lat, tile_bounds, height, width, chunk_size=3001)
+  np.testing.assert_array_equal(bulk, _reference_tiles(lon, lat, tile_bounds, height, width))
+
+
+def test_render_tiles_sparse_and_dense_tiles_in_turn():
+  # One count buffer serves every tile; after a sparse tile only its points' pixels are
+  # reset. Alternate sparse tiles (a few points in 40 x 40 pixels) with dense ones.
+  edges = np.arange(6) * 0.2
+  tile_bounds = np.array([[edges[c], edges[r], edges[c + 1], edges[r + 1]]
+                          for r in range(5) for c in range(5)])
+  rng = np.random.default_rng(14)
+  lon, lat = rng.uniform(0, 1, 1500), rng.uniform(0, 1, 1500)
+  dense = rng.choice(25, 8, replace=False)
+  more_lon = tile_bounds[dense, 0][:, None] + rng.uniform(0, 0.2, (8, 2000))
+  more_lat = tile_bounds[dense, 1][:, None] + rng.uniform(0, 0.2, (8, 2000))
+  lon, lat = np.concatenate([lon, more_lon.ravel()]), np.concatenate([lat, more_lat.ravel()])
+  bulk = hm.render_tiles(lon, lat, tile_bounds, 40, 40, chunk_size=4096)
+  np.testing.assert_array_equal(bulk, _reference_tiles(lon, lat, tile_bounds, 40, 40))
+
+
+def test_render_tiles_empty_table_and_many_tiles():
+  bounds = [[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 2.0, 1.0]]
+  assert not hm.render_tiles(np.zeros(0), np.zeros(0), bounds, 3, 4).any()
+  # A 190 x 190 grid of 2 x 2 pixel tiles (more tiles than an int16 holds).
+  n = 190
+  edges = np.arange(n + 1) / n
+  tile_bounds = np.array([[edges[c], edges[r], edges[c + 1], edges[r + 1]]
+                          for r in range(n) for c in range(n)])
+  rng = np.random.default_rng(13)
+  lon, lat = rng.uniform(-0.05, 1.05, 100000), rng.uniform(-0.05, 1.05, 100000)
+  bulk = hm.render_tiles(lon, lat, tile_bounds, 2, 2)
+  picked = rng.choice(tile_bounds.shape[0], 40, replace=False)
+  np.testing.assert_array_equal(bulk[picked],
+                                _reference_tiles(lon, lat, tile_bounds[picked], 2, 2))

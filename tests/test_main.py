@@ -22,7 +22,8 @@ TINY = ["--config=configs/synthetic.py", "--config.data.config=tiny",
 CONSOLE_LINES = [
     r"building dataset synthetic/tiny into .* \.\.\.",
     r"built in [\d.]+ s",
-    r"cmmpnet \(dlinknet34, width 0\.125, float32\): [\d,]+ parameters, init random",
+    r"cmmpnet \(dlinknet34, width 0\.125, float32, transposed convolutions subpixel \(auto\)\): "
+    r"[\d,]+ parameters, init random",
     r"data synthetic/tiny: \d+ train examples, \d+ steps/epoch of 2, 6 steps; 1 cpu device\(s\)",
     r"log .*log\.txt, parameter table .*parameters\.txt",
     r"step 1 compiled and ran in [\d.]+ s",

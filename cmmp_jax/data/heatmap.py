@@ -27,6 +27,7 @@ for every tile, overlapping or not.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -48,7 +49,10 @@ _CHANNEL_INPUT = {
     "heading_cos": "heading_deg",
 }
 
-DEFAULT_CHUNK_SIZE = 4_000_000
+DEFAULT_CHUNK_SIZE = 1 << 17
+# Bulk rendering packs (tile, pixel) into uint32 keys when there are at most this many keys,
+# else into uint64 (a module constant so that tests can reach the uint64 path with small tiles).
+_MAX_32_BIT_KEYS = 1 << 32
 
 # The blur kernel along one axis (outer product gives the 3x3 kernel); exact in binary.
 _BLUR_TAPS = (0.25, 0.5, 0.25)
@@ -103,8 +107,12 @@ def _project(lon, lat, west, south, east, north, height, width):
   col >= width, so a point is never inside a tile whose box [west, east) x (south, north] it
   lies outside of; the bulk bucketing relies on that.
   """
-  cols = (lon - west) / (east - west) * width
-  rows = (north - lat) / (north - south) * height
+  cols = np.subtract(lon, west)
+  cols /= east - west
+  cols *= width
+  rows = np.subtract(north, lat)
+  rows /= north - south
+  rows *= height
   return cols, rows
 
 
@@ -142,15 +150,47 @@ def _points(cols, rows) -> tuple[np.ndarray, np.ndarray]:
   return cols, rows
 
 
+class _Scratch:
+  """Temporaries reused from chunk to chunk and from tile to tile.
+
+  A fresh megabyte-sized array per step can cost more than the arithmetic on it: the
+  allocator hands freed megabytes back to the system and the next use faults them in again,
+  page by page (about 2 ms per 8 MB array here). Buffers are made on first use, grown when a
+  larger one is asked for, and handed out as views of the requested shape.
+  """
+
+  def __init__(self):
+    self._buffers = {}
+
+  def get(self, name: str, dtype, shape) -> np.ndarray:
+    """A buffer of this shape (an int, or a tuple for 2-D) and dtype; contents undefined."""
+    flat = isinstance(shape, (int, np.integer))
+    size = int(shape) if flat else math.prod(shape)
+    buffer = self._buffers.get(name)
+    if buffer is None or buffer.size < size or buffer.dtype != dtype:
+      buffer = self._buffers[name] = np.empty(size, dtype=dtype)
+    return buffer[:size] if flat else buffer[:size].reshape(shape)
+
+
 def _pixel_index(cols: np.ndarray, rows: np.ndarray, height: int, width: int):
   """Flat pixel index (row * width + col, int64) of the inside points, their mask, the stats."""
-  finite = np.isfinite(cols) & np.isfinite(rows)
-  inside = finite & (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+  # NaN fails every comparison and +-inf fails a bound, so `inside` implies finite.
+  inside = cols >= 0
+  inside &= cols < width
+  inside &= rows >= 0
+  inside &= rows < height
+  # np.compress, not rows[inside]: same values, several times faster on a mixed mask.
   # Inside points are non-negative, so truncation is floor.
-  flat = rows[inside].astype(np.int64) * width + cols[inside].astype(np.int64)
+  flat = np.compress(inside, rows).astype(np.int64)
+  flat *= width
+  flat += np.compress(inside, cols).astype(np.int64)
   n_total = int(cols.size)
   n_rendered = int(flat.size)
-  n_nonfinite = int(n_total - np.count_nonzero(finite))
+  n_nonfinite = 0
+  if n_rendered < n_total:  # only points outside the tile can be non-finite
+    finite = np.isfinite(cols)
+    finite &= np.isfinite(rows)
+    n_nonfinite = int(n_total - np.count_nonzero(finite))
   stats = RenderStats(n_total=n_total, n_rendered=n_rendered,
                       n_outside=n_total - n_rendered - n_nonfinite, n_nonfinite=n_nonfinite)
   return flat, inside, stats
@@ -193,14 +233,90 @@ def gaussian_blur_3x3(values: np.ndarray) -> np.ndarray:
   return a * vertical[:, :-2] + b * vertical[:, 1:-1] + c * vertical[:, 2:]
 
 
-def _counts_to_heatmap(counts: np.ndarray) -> np.ndarray:
-  """(H, W) integer counts -> float32 (H, W) heat-map in [0, 1] (log-normalise, then blur)."""
-  max_count = int(counts.max()) if counts.size else 0
+# Rows per strip of the blur: 2**16 float64 values (512 KiB) per buffer stay in the CPU's cache.
+_BLUR_STRIP_VALUES = 1 << 16
+
+
+def _blur_into(values: np.ndarray, out: np.ndarray, scratch: _Scratch) -> None:
+  """out[...] = gaussian_blur_3x3(values) (cast to out's dtype), for values in {0} u [2**-1000, 1].
+
+  gaussian_blur_3x3 computes, per axis, (0.25 * up + 0.5 * mid) + 0.25 * down with IEEE
+  rounding after each addition. Multiplying by a power of two is exact and commutes with
+  rounding unless a result over- or underflows, so that equals 0.25 * ((up + 2 * mid) + down)
+  bit for bit, and the two axes give 1/16 of the unscaled sums computed here. For such values
+  no intermediate can over- or underflow (the renderers' normalised counts are 0 or at least
+  log(2) / log(2**63)). Strips of rows, so that the passes run in the cache; no padded copy.
+  """
+  height, width = values.shape
+  strip = max(1, min(height, _BLUR_STRIP_VALUES // (width + 2)))
+  vertical_buffer = scratch.get("blur_vertical", np.float64, (strip, width + 2))
+  horizontal_buffer = scratch.get("blur_horizontal", np.float64, (strip, width))
+  for start in range(0, height, strip):
+    stop = min(start + strip, height)
+    # Vertical pass into the middle columns, one spare column either side.
+    vertical = vertical_buffer[:stop - start]
+    middle = vertical[:, 1:-1]
+    np.multiply(values[start:stop], 2.0, out=middle)
+    # + up ((up + 2 * mid) == (2 * mid + up)); reflect-101: row -1 is row 1 (np.pad's
+    # 'reflect' repeats the only row of a one-row tile).
+    if start == 0:
+      middle[0] += values[1 if height > 1 else 0]
+      middle[1:] += values[:stop - 1]
+    else:
+      middle += values[start - 1:stop - 1]
+    # + down; row `height` is row height - 2.
+    if stop == height:
+      middle[:-1] += values[start + 1:stop]
+      middle[-1] += values[height - 2 if height > 1 else 0]
+    else:
+      middle += values[start + 1:stop + 1]
+    if width > 1:
+      vertical[:, 0] = vertical[:, 2]
+      vertical[:, -1] = vertical[:, -3]
+    else:
+      vertical[:, 0] = vertical[:, 1]
+      vertical[:, 2] = vertical[:, 1]
+    horizontal = np.multiply(middle, 2.0, out=horizontal_buffer[:stop - start])
+    horizontal += vertical[:, :-2]
+    horizontal += vertical[:, 2:]
+    np.multiply(horizontal, 1.0 / 16.0, out=out[start:stop])
+
+
+def _counts_to_heatmap(counts: np.ndarray, out: np.ndarray | None = None,
+                       scratch: _Scratch | None = None, max_count: int | None = None) -> np.ndarray:
+  """(H, W) integer counts -> float32 (H, W) heat-map in [0, 1] (log-normalise, then blur).
+
+  Bit for bit np.clip(gaussian_blur_3x3(np.log1p(counts) / np.log1p(max_count)), 0, 1) as
+  float32 (written into `out` when given), computed faster:
+  - the normalised values are a function of the count alone, so they are looked up in a table
+    of log1p(0..max_count) / log1p(max_count) (the same ufuncs on the same float64 values);
+  - the blur runs unscaled, in cache-sized strips (_blur_into), the exact 1/16 applied while
+    casting to float32;
+  - the clip is left out: it cannot change anything, since the blur of values in [0, 1] with
+    these weights stays in [0, 1] (each rounded partial sum is bounded by the exact bound,
+    which is representable) and is never -0.0 (sums of non-negative values, log1p(0) = +0).
+  max_count, when given, must be counts.max().
+  """
+  if out is None:
+    out = np.empty(counts.shape, dtype=np.float32)
+  if scratch is None:
+    scratch = _Scratch()
+  if max_count is None:
+    max_count = int(counts.max()) if counts.size else 0
   if max_count == 0:
-    return np.zeros(counts.shape, dtype=np.float32)
-  normalised = np.log1p(counts.astype(np.float64)) / np.log1p(float(max_count))
-  blurred = gaussian_blur_3x3(normalised)
-  return np.clip(blurred, 0.0, 1.0).astype(np.float32)
+    out[...] = 0.0
+    return out
+  scale = np.log1p(float(max_count))
+  normalised = scratch.get("normalised", np.float64, counts.shape)
+  if max_count <= counts.size:
+    table = np.log1p(np.arange(max_count + 1, dtype=np.float64))
+    table /= scale
+    np.take(table, counts, out=normalised, mode="clip")  # every count is a valid index
+  else:  # a table larger than the tile would cost more than it saves
+    np.log1p(counts, out=normalised, dtype=np.float64)
+    normalised /= scale
+  _blur_into(normalised, out, scratch)
+  return out
 
 
 def render_heatmap(cols, rows, height: int, width: int, *, return_stats: bool = False):
@@ -251,15 +367,16 @@ def _attribute(values, n_points: int, name: str) -> np.ndarray:
 def _mean_per_pixel(flat: np.ndarray, values: np.ndarray, n_pixels: int) -> np.ndarray:
   """Mean of the finite values per pixel, 0 where a pixel has none; float64 (n_pixels,)."""
   keep = np.isfinite(values)
-  sums = np.bincount(flat[keep], weights=values[keep], minlength=n_pixels)
-  counts = np.bincount(flat[keep], minlength=n_pixels)
+  flat = np.compress(keep, flat)
+  sums = np.bincount(flat, weights=np.compress(keep, values), minlength=n_pixels)
+  counts = np.bincount(flat, minlength=n_pixels)
   return np.divide(sums, counts, out=np.zeros(n_pixels), where=counts > 0)
 
 
 def _max_per_pixel(flat: np.ndarray, values: np.ndarray, n_pixels: int) -> np.ndarray:
   """Max of the finite values per pixel, 0 where a pixel has none; float64 (n_pixels,)."""
   keep = np.isfinite(values)
-  flat, values = flat[keep], values[keep]
+  flat, values = np.compress(keep, flat), np.compress(keep, values)
   result = np.zeros(n_pixels)
   if flat.size == 0:
     return result
@@ -324,7 +441,7 @@ def render_channels(cols, rows, height: int, width: int, *, speed=None, interval
 
   n_pixels = height * width
   flat, inside, _ = _pixel_index(cols, rows, height, width)
-  inputs = {key: _attribute(value, cols.size, key)[inside]
+  inputs = {key: np.compress(inside, _attribute(value, cols.size, key))
             for key, value in given.items() if value is not None}
 
   planes = {}
@@ -346,7 +463,7 @@ def render_channels(cols, rows, height: int, width: int, *, speed=None, interval
     if heading_zero_is_missing:
       heading[heading == 0] = np.nan
     radians = np.deg2rad(heading)
-    has_heading = np.bincount(flat[np.isfinite(radians)], minlength=n_pixels) > 0
+    has_heading = np.bincount(np.compress(np.isfinite(radians), flat), minlength=n_pixels) > 0
     for name, component in (("heading_sin", np.sin), ("heading_cos", np.cos)):
       if name in channels:
         mean = _mean_per_pixel(flat, component(radians), n_pixels)
@@ -500,24 +617,116 @@ def _check_tile_bounds(tile_bounds) -> np.ndarray:
   return tile_bounds
 
 
+class _SortedEdges:
+  """np.searchsorted(edges, values, side) for many values, exactly, in a few array passes.
+
+  np.searchsorted binary-searches every value (about 13 ns a value here, even for ten edges).
+  Instead a value's bin on a fine uniform grid, k = floor((v - origin) * scale) clamped to
+  [0, top] (NaN -> top), indexes a table that holds the answer wherever it is certain:
+
+  - Computed with float64 rounding, the position differs from the exact
+    V = (v - origin) * scale by a tiny fraction of a bin: each of the two operations is
+    correctly rounded, a relative error below 2**-51, so below 2**-11 bins while |V| < 2**40,
+    and beyond that the clamp gives the same end bin as the exact position would.
+  - Hence a value with computed bin j has V in (j - e, j + 1 + e) for a tiny e, and so has an
+    edge with computed bin k_e: an edge can only be on the wrong side of a bin's values when
+    |j - k_e| <= 1. Bins with no edge within 2 bins (one bin of margin) are safe: every edge is
+    strictly below or strictly above every value of the bin, and the answer, for either side,
+    is the number of edges with k_e < j. The other bins (5 per edge) hold -1, and their values
+    go to np.searchsorted itself.
+  - The end bins 0 and top (values far away, +-inf, NaN) are safe because the edges lie
+    `_MARGIN` bins inside them; NaN is clamped to top, whose answer is len(edges), as
+    np.searchsorted sorts NaN last.
+
+  With 1024 bins per gap between edges, about 0.5 % of the values of a regular grid of tiles
+  fall in unsafe bins.
+  """
+
+  _MAX_BINS = 1 << 16
+  _MARGIN = 8
+
+  def __init__(self, edges: np.ndarray, side: str):
+    self.edges, self.side = edges, side
+    self.table = None
+    n_gaps = edges.size - 1
+    span = float(edges[-1] - edges[0]) if n_gaps > 0 else 0.0
+    if not (np.isfinite(span) and span > 0):
+      return
+    n_bins = n_gaps * max(1, min(1024, self._MAX_BINS // n_gaps))
+    self.scale = n_bins / span
+    self.origin = float(edges[0]) - self._MARGIN / self.scale
+    self.top = n_bins + 2 * self._MARGIN
+    if not (np.isfinite(self.scale) and np.isfinite(self.origin)):
+      return
+    edge_bins = self._bins(edges, np.empty(edges.size), np.empty(edges.size, np.intp))
+    if edge_bins[0] < 3 or edge_bins[-1] > self.top - 3:  # cannot happen with finite edges
+      return
+    # edge_bins is sorted (every step above is monotonic): count edges below each bin.
+    table = np.searchsorted(edge_bins, np.arange(self.top + 1), "left")
+    for offset in range(-2, 3):
+      table[edge_bins + offset] = -1
+    self.table = table
+
+  def _bins(self, values: np.ndarray, position: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The clamped bin of every value (intp, into out), computed in `position` (float64)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # huge values: +-inf, clamped below
+      np.subtract(values, self.origin, out=position)
+      position *= self.scale
+    np.fmin(position, self.top, out=position)  # NaN -> top (fmin ignores NaN), +inf -> top
+    np.fmax(position, 0.0, out=position)  # -inf and everything below -> 0
+    np.copyto(out, position, casting="unsafe")  # truncation is floor: position >= 0
+    return out
+
+  def find(self, values: np.ndarray, out: np.ndarray, scratch: _Scratch) -> np.ndarray:
+    """Writes np.searchsorted(self.edges, values, self.side) into out (intp, values' length)."""
+    if self.table is None:
+      out[...] = np.searchsorted(self.edges, values, self.side)
+      return out
+    n = values.size
+    bins = self._bins(values, scratch.get("find_position", np.float64, n),
+                      scratch.get("find_bins", np.intp, n))
+    # mode="clip": no bounds check and no buffering of out (every bin is a valid index).
+    np.take(self.table, bins, out=out, mode="clip")
+    unsure = np.less(out, 0, out=scratch.get("find_unsure", np.bool_, n))
+    if unsure.any():
+      unsure = np.flatnonzero(unsure)
+      out[unsure] = np.searchsorted(self.edges, values[unsure], self.side)
+    return out
+
+
+def _distinct_sorted(values: np.ndarray) -> np.ndarray:
+  """np.unique(values) for finite floats (np.unique's first call imports numpy.ma: 15 ms)."""
+  values = np.sort(values)
+  return values[np.concatenate([[True], values[1:] != values[:-1]])]
+
+
 class _TileIndex:
   """Exact point -> candidate tiles lookup.
 
   The sorted distinct tile edges cut the plane into elementary cells
   [xs[i], xs[i+1]) x (ys[j], ys[j+1]]; each cell lies wholly inside or wholly outside every
-  tile box [west, east) x (south, north], so a point's cell (two searchsorted calls, exact
+  tile box [west, east) x (south, north], so a point's cell (a searchsorted per axis, exact
   comparisons, no rounding) lists exactly the tiles whose box holds it. For tiles on a regular
   grid the cells are the tiles and every point gets at most one candidate. The cell grid has a
   border ring of empty cells, so points left of, right of, above or below every edge (and NaN,
   which searchsorted sorts last) need no separate test.
+
+  Cells of exactly one tile (every cell, on a regular grid) also carry that tile's key and
+  projection constants (west, east - west, north, north - south), so their points are
+  projected with per-cell table look-ups; every other cell carries NaN constants (its points
+  fail every test there) and the dump key. A (point, tile) pair is one unsigned integer,
+  key = tile << pixel_bits | flat pixel, so sorting keys groups the pairs by tile; the dump
+  key n_tiles << pixel_bits (pairs that are not rendered) sorts after every tile.
   """
 
-  def __init__(self, tile_bounds: np.ndarray):
+  def __init__(self, tile_bounds: np.ndarray, n_pixels: int):
     west, south, east, north = tile_bounds.T
-    self.xs = np.unique(np.concatenate([west, east]))
-    self.ys = np.unique(np.concatenate([south, north]))
+    n_tiles = tile_bounds.shape[0]
+    self.xs = _distinct_sorted(np.concatenate([west, east]))
+    self.ys = _distinct_sorted(np.concatenate([south, north]))
     # searchsorted returns 0..len(edges): cell columns 0..len(xs), rows 0..len(ys).
     self.n_cell_cols = self.xs.size + 1
+    n_cells = self.n_cell_cols * (self.ys.size + 1)
     x0, x1 = np.searchsorted(self.xs, west) + 1, np.searchsorted(self.xs, east) + 1
     y0, y1 = np.searchsorted(self.ys, south) + 1, np.searchsorted(self.ys, north) + 1
     cells, tiles = [], []
@@ -530,36 +739,103 @@ class _TileIndex:
     tiles = np.concatenate(tiles)
     order = np.argsort(cells, kind="stable")
     self.cell_tiles = tiles[order]
-    self.cell_count = np.bincount(cells, minlength=self.n_cell_cols * (self.ys.size + 1))
+    self.cell_count = np.bincount(cells, minlength=n_cells)
     self.cell_start = np.concatenate([[0], np.cumsum(self.cell_count)[:-1]])
+    self.has_multi = bool(np.any(self.cell_count > 1))
+    self.x_edges = _SortedEdges(self.xs, "right")  # xs[col-1] <= lon < xs[col]
+    self.y_edges = _SortedEdges(self.ys, "left")  # ys[row-1] < lat <= ys[row]
+    # Per-cell tables for the cells of exactly one tile.
+    self.pixel_bits = (n_pixels - 1).bit_length()
+    fits_32_bits = (n_tiles + 1) << self.pixel_bits <= _MAX_32_BIT_KEYS
+    self.key_dtype = np.dtype(np.uint32 if fits_32_bits else np.uint64)
+    self.dump_key = n_tiles << self.pixel_bits
+    single = np.flatnonzero(self.cell_count == 1)
+    tile_of_single = self.cell_tiles[self.cell_start[single]]
+    self.cell_key = np.full(n_cells, self.dump_key, dtype=self.key_dtype)
+    self.cell_key[single] = tile_of_single.astype(self.key_dtype) << self.pixel_bits
+    self.cell_constants = []
+    for values in (west, east - west, north, north - south):
+      table = np.full(n_cells, np.nan)
+      table[single] = values[tile_of_single]
+      self.cell_constants.append(table)
 
-  def candidates(self, lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(point index, tile index) pairs, int64 and int32, for points inside some tile box."""
-    cell_col = np.searchsorted(self.xs, lon, side="right")  # xs[col-1] <= lon < xs[col]
-    cell_row = np.searchsorted(self.ys, lat, side="left")  # ys[row-1] < lat <= ys[row]
-    cells = cell_row * self.n_cell_cols + cell_col
+  def locate(self, lon: np.ndarray, lat: np.ndarray, scratch: _Scratch) -> np.ndarray:
+    """The cell (intp) of every point: row-major over the (len(ys) + 1) x (len(xs) + 1) cells."""
+    n = lon.size
+    cells = self.y_edges.find(lat, scratch.get("cells", np.intp, n), scratch)
+    cells *= self.n_cell_cols
+    cells += self.x_edges.find(lon, scratch.get("cell_cols", np.intp, n), scratch)
+    return cells
+
+  def candidates(self, cells: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(point, tile) pairs, int64 and int32, of the given points (indices) and their cells."""
     per_point = self.cell_count[cells]
-    # Fast path: a point in a cell of exactly one tile (every point, on a regular grid).
-    single_points = np.flatnonzero(per_point == 1)
-    single_tiles = self.cell_tiles[self.cell_start[cells[single_points]]]
-    multi = np.flatnonzero(per_point > 1)
-    if multi.size == 0:
-      return single_points, single_tiles
-    # Overlapping tiles: one pair per (point, tile of its cell).
-    cells, per_point = cells[multi], per_point[multi]
-    point_index = np.repeat(multi, per_point)
+    point_index = np.repeat(points, per_point)
     first = np.repeat(self.cell_start[cells], per_point)
     offset_in_cell = np.arange(point_index.size) - np.repeat(np.cumsum(per_point) - per_point,
                                                              per_point)
-    return (np.concatenate([single_points, point_index]),
-            np.concatenate([single_tiles, self.cell_tiles[first + offset_in_cell]]))
+    return point_index, self.cell_tiles[first + offset_in_cell]
+
+
+def _bucket_chunk(index: _TileIndex, tile_bounds, lon, lat, height, width, scratch: _Scratch):
+  """The keys (tile << pixel_bits | flat pixel, or the dump key) of one chunk's pairs.
+
+  One key per point of the chunk (the dump key for a point in no tile, or in a cell of several
+  tiles), then one per (point, tile) pair of the points in cells of several tiles. The
+  projection is _project's arithmetic on the same float64 constants (east - west is one IEEE
+  subtraction whether it is done per pair or per tile), so pixels are those of per-tile
+  rendering bit for bit.
+  """
+  n = lon.size
+  cells = index.locate(lon, lat, scratch)
+  keys = np.take(index.cell_key, cells, out=scratch.get("keys", index.key_dtype, n), mode="clip")
+  west, x_span, north, y_span = (
+      np.take(table, cells, out=scratch.get(f"constant{i}", np.float64, n), mode="clip")
+      for i, table in enumerate(index.cell_constants))
+  cols = np.subtract(lon, west, out=west)
+  cols /= x_span
+  cols *= width
+  rows = np.subtract(north, lat, out=north)
+  rows /= y_span
+  rows *= height
+  # The point's cell lies in the tile's box, so lon >= west and lat <= north: cols and rows are
+  # >= 0 (the difference of two floats has the sign of the exact one). Only rounding at the
+  # east and south edges can push a point out, exactly as per-tile rendering would; NaN
+  # (cells without exactly one tile) fails both tests.
+  inside = np.less(cols, width, out=scratch.get("inside", np.bool_, n))
+  inside &= np.less(rows, height, out=scratch.get("inside_rows", np.bool_, n))
+  pixels = scratch.get("pixels", index.key_dtype, n)
+  pixel_cols = scratch.get("pixel_cols", index.key_dtype, n)
+  with np.errstate(invalid="ignore"):  # NaN etc. for points that are not rendered; replaced
+    np.copyto(pixels, rows, casting="unsafe")  # truncation is floor: rows >= 0
+    np.copyto(pixel_cols, cols, casting="unsafe")
+  pixels *= width
+  pixels += pixel_cols
+  keys |= pixels
+  # Not rendered: the dump key (this also discards the garbage pixels of those points).
+  np.copyto(keys, index.dump_key, where=np.logical_not(inside, out=inside))
+  if index.has_multi:
+    # Points in cells of several (overlapping) tiles: one pair per (point, tile of its cell).
+    multi = np.flatnonzero(index.cell_count.take(cells) > 1)
+    if multi.size:
+      point, tile = index.candidates(cells[multi], multi)
+      west, south, east, north = tile_bounds[tile].T
+      cols, rows = _project(lon[point], lat[point], west, south, east, north, height, width)
+      inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+      multi_keys = np.full(point.size, index.dump_key, dtype=index.key_dtype)
+      multi_keys[inside] = (
+          (tile[inside].astype(index.key_dtype) << index.pixel_bits)
+          | (rows[inside].astype(index.key_dtype) * width + cols[inside].astype(index.key_dtype)))
+      keys = np.concatenate([keys, multi_keys])
+  return keys
 
 
 def _bucket(lon, lat, tile_bounds, height, width, chunk_size):
-  """One pass over the table: per tile, the flat pixel indices of its points.
+  """One pass over the table: per chunk, the flat pixel indices of its points, by tile.
 
-  Returns (tile_pixels, tile_start): int32 pixel indices grouped by tile, and int64 offsets
-  (T + 1,) so tile t's pixels are tile_pixels[tile_start[t]:tile_start[t + 1]].
+  Returns a list with one (pixels, tile_start) per chunk: unsigned pixel indices grouped by
+  tile and int64 offsets (T + 1,), so the chunk's pixels of tile t are
+  pixels[tile_start[t]:tile_start[t + 1]].
   """
   lon = np.asarray(lon)
   lat = np.asarray(lat)
@@ -570,44 +846,37 @@ def _bucket(lon, lat, tile_bounds, height, width, chunk_size):
       or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
   n_tiles = tile_bounds.shape[0]
-  index = _TileIndex(tile_bounds)
-  west, south, east, north = tile_bounds.T
-  tile_dtype = np.int16 if n_tiles <= np.iinfo(np.int16).max else np.int32
-  tiles_parts, pixels_parts = [], []
+  index = _TileIndex(tile_bounds, height * width)
+  tile_keys = np.arange(n_tiles + 1, dtype=index.key_dtype) << index.pixel_bits
+  pixel_mask = index.key_dtype.type((1 << index.pixel_bits) - 1)
+  scratch = _Scratch()
+  chunks = []
   for start in range(0, lon.size, chunk_size):
     lon_chunk = np.asarray(lon[start:start + chunk_size], dtype=np.float64)
     lat_chunk = np.asarray(lat[start:start + chunk_size], dtype=np.float64)
-    point, tile = index.candidates(lon_chunk, lat_chunk)
-    cols, rows = _project(lon_chunk[point], lat_chunk[point], west[tile], south[tile],
-                          east[tile], north[tile], height, width)
-    # The same test as _pixel_index: rounding can still push a point on a tile's east or south
-    # edge out of it, exactly as per-tile rendering would.
-    inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
-    pixels = (rows[inside].astype(np.int32) * np.int32(width) + cols[inside].astype(np.int32))
-    tiles_parts.append(tile[inside].astype(tile_dtype))
-    pixels_parts.append(pixels)
-  tiles = np.concatenate(tiles_parts) if tiles_parts else np.zeros(0, tile_dtype)
-  pixels = np.concatenate(pixels_parts) if pixels_parts else np.zeros(0, np.int32)
-  del tiles_parts, pixels_parts
-  # Stable sort on 16-bit keys is numpy's radix sort: linear in the number of points.
-  order = np.argsort(tiles, kind="stable")
-  tile_start = np.concatenate([[0], np.cumsum(np.bincount(tiles, minlength=n_tiles))])
-  return pixels[order], tile_start
+    keys = _bucket_chunk(index, tile_bounds, lon_chunk, lat_chunk, height, width, scratch)
+    # Sorting the keys in place groups the pairs by tile (the order within a tile does not
+    # matter to a count) with no index array and no allocation; the dump keys sort last.
+    keys.sort()
+    tile_start = np.searchsorted(keys, tile_keys).astype(np.int64)
+    chunks.append((np.bitwise_and(keys[:tile_start[-1]], pixel_mask), tile_start))
+  return chunks
 
 
 def iter_render_tiles(lon, lat, tile_bounds, height: int, width: int, *,
                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[tuple[int, np.ndarray]]:
   """Renders many tiles from one table with one bucketing pass; yields tiles one at a time.
 
-  Memory: the table, at most ~18 bytes per (point, containing tile) pair while sorting them
-  by tile (6 kept afterwards), one chunk of temporaries (chunk_size points) and one tile;
-  never T x H x W. The bucketing pass runs when this function is called.
+  Memory: the table, 4 bytes per rendered (point, containing tile) pair, about 100 bytes per
+  point of one chunk (chunk_size points) of temporaries, and one tile; never T x H x W. The
+  bucketing pass runs when this function is called.
 
   Args:
     lon, lat: 1-D float arrays of N points (degrees, or planar x/y in tile_bounds' units).
     tile_bounds: (T, 4) of (west, south, east, north) per tile; tiles may overlap or nest.
     height, width: pixel size of every tile.
-    chunk_size: points projected at a time in the bucketing pass.
+    chunk_size: points projected at a time in the bucketing pass (the default keeps a chunk's
+      temporaries in the CPU's caches; the output does not depend on it).
 
   Returns:
     An iterator of (tile index t, float32 (H, W) heat-map) for t = 0..T-1, each equal bit for bit to
@@ -616,15 +885,33 @@ def iter_render_tiles(lon, lat, tile_bounds, height: int, width: int, *,
   height, width = _check_size(height, width)
   tile_bounds = _check_tile_bounds(tile_bounds)
   # Bucketing runs now (not at the first next()), so bad input raises at the call.
-  tile_pixels, tile_start = _bucket(lon, lat, tile_bounds, height, width, chunk_size)
-  return _tiles_from_buckets(tile_pixels, tile_start, height, width)
+  chunks = _bucket(lon, lat, tile_bounds, height, width, chunk_size)
+  return _tiles_from_buckets(chunks, tile_bounds.shape[0], height, width)
 
 
-def _tiles_from_buckets(tile_pixels, tile_start, height, width):
-  for tile in range(tile_start.size - 1):
-    pixels = tile_pixels[tile_start[tile]:tile_start[tile + 1]]
-    counts = np.bincount(pixels, minlength=height * width).reshape(height, width)
-    yield tile, _counts_to_heatmap(counts)
+def _tiles_from_buckets(chunks, n_tiles, height, width, out=None):
+  """Yields (t, heat-map of tile t) from _bucket's chunks, into out[t] when out is given."""
+  n_pixels = height * width
+  scratch = _Scratch()
+  # One count buffer for every tile (a fresh one per tile costs page faults), zero between
+  # tiles: np.add.at adds the tile's points, and afterwards only the pixels it touched are
+  # reset, unless that is most of the tile.
+  counts = np.zeros(n_pixels, dtype=np.intp)
+  for tile in range(n_tiles):
+    pieces = [pixels[start[tile]:start[tile + 1]] for pixels, start in chunks]
+    n_points = sum(piece.size for piece in pieces)
+    pixels = np.concatenate(pieces, out=scratch.get("tile_pixels", pieces[0].dtype, n_points)) \
+        if pieces else np.zeros(0, dtype=np.intp)
+    np.add.at(counts, pixels, 1)
+    sparse = n_points < n_pixels // 8
+    max_count = int(counts.take(pixels).max() if sparse else counts.max()) if n_points else 0
+    heatmap = _counts_to_heatmap(counts.reshape(height, width),
+                                 None if out is None else out[tile], scratch, max_count)
+    if sparse:
+      counts[pixels] = 0
+    else:
+      counts.fill(0)
+    yield tile, heatmap
 
 
 def render_tiles(lon, lat, tile_bounds, height: int, width: int, *,
@@ -647,7 +934,7 @@ def render_tiles(lon, lat, tile_bounds, height: int, width: int, *,
     out = np.empty(shape, dtype=np.float32)
   elif out.shape != shape or out.dtype != np.float32:
     raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
-  for tile, heatmap in iter_render_tiles(lon, lat, tile_bounds, height, width,
-                                         chunk_size=chunk_size):
-    out[tile] = heatmap
+  chunks = _bucket(lon, lat, tile_bounds, height, width, chunk_size)
+  for _ in _tiles_from_buckets(chunks, tile_bounds.shape[0], height, width, out=out):
+    pass  # each tile is written into out[tile]
   return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 
 from cmmp_jax.models.backbones import Autoencoder
@@ -25,12 +26,26 @@ MODELS = {
     "gated_fusion": (GatedFusionNet, {}),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What upsample_method='auto' computes transposed convolutions with, per backend: the
+# formulation measured faster there, else XLA's native one. CPU: 'subpixel' (benchmarks/NOTES.md
+# C2 and the full-size rows there). GPU and TPU: 'dilated', not measured yet (NOTES.md G1;
+# benchmarks/accelerator_check.sh times both). Both give the same outputs and parameters.
+AUTO_UPSAMPLE_METHOD = {"cpu": "subpixel", "gpu": "dilated", "tpu": "dilated"}
+
+
+def resolve_upsample_method(method: str, backend: str | None = None) -> str:
+  """upsample_method with 'auto' replaced by AUTO_UPSAMPLE_METHOD's choice for the backend
+  (default: JAX's default backend)."""
+  if method != "auto":
+    return method
+  return AUTO_UPSAMPLE_METHOD.get(backend or jax.default_backend(), "dilated")
 
 
 def build_model(model_config: Mapping[str, Any]):
   """Builds a model from a config mapping (e.g. `config.model`).
 
-  Fields: name (one of MODELS), backbone, width, depths, aux_channels, decoder, upsample_method,
+  Fields: name (one of MODELS), backbone, width, depths, aux_channels, decoder, upsample_method
+  ('auto' resolved by resolve_upsample_method),
   dtype ('float32' | 'bfloat16'), remat, and the fields of DEMOptions (flat, e.g. use_local),
   which shape 'cmmpnet' only. Unknown names or dtypes raise ValueError.
   """
@@ -46,6 +61,8 @@ def build_model(model_config: Mapping[str, Any]):
   dem = {key: cfg.pop(key) for key in dem_fields if key in cfg}
   if "depths" in cfg:
     cfg["depths"] = tuple(int(v) for v in cfg["depths"])
+  if "upsample_method" in cfg:
+    cfg["upsample_method"] = resolve_upsample_method(cfg["upsample_method"])
   # The config holds the DEM switches flat; the model takes them as one DEMOptions field.
   known = set(cls.__dataclass_fields__) - {"parent", "name", "dem"}
   unknown = sorted(set(cfg) - known)
@@ -58,4 +75,5 @@ def build_model(model_config: Mapping[str, Any]):
 
 
 __all__ = ["Autoencoder", "CMMPNet", "DEMOptions", "DualBranchNet", "DualEnhancement",
-           "GatedFusionNet", "LateFusion", "MODELS", "SingleBranchNet", "build_model"]
+           "GatedFusionNet", "LateFusion", "MODELS", "SingleBranchNet", "build_model",
+           "resolve_upsample_method"]
