@@ -110,27 +110,39 @@ def count_params(state: TrainState) -> int:
 
 @dataclasses.dataclass
 class PlateauSchedule:
-  """The release's schedule: lr /= factor when val G_IoU has not improved for more than
-  `patience` evaluations; stop when lr < min_lr. Its fields are saved in every checkpoint."""
+  """The release's schedule (framework.py `fit`): when val G_IoU has not improved for more than
+  `patience` evaluations, stop if the CURRENT lr is already below min_lr, else lr /= factor and
+  count again. The check comes before the division, so a run from 1e-4 trains through a 1e-9
+  phase and stops at the plateau after it. `lr` is the rate in float64 on the host, as PyTorch
+  keeps it (the optimizer state's float32 copy of 1e-8 is below 1e-8 and would stop a phase
+  early). Its fields are saved in every checkpoint."""
   patience: int
   factor: float
   min_lr: float
   best: float = -1.0
   bad_evals: int = 0
+  lr: float | None = None  # None in checkpoints written before it was kept: the state's rate
 
   @classmethod
   def from_config(cls, config) -> PlateauSchedule:
     opt = config.optimizer
-    return cls(opt.plateau_patience, opt.plateau_factor, opt.min_learning_rate)
+    return cls(opt.plateau_patience, opt.plateau_factor, opt.min_learning_rate,
+               lr=float(opt.learning_rate))
 
-  def update(self, value: float, lr: float) -> tuple[float, bool]:
-    """Records one evaluation's val G_IoU. Returns (new lr, stop)."""
+  def update(self, value: float, lr: float | None = None) -> tuple[float, bool]:
+    """Records one evaluation's val G_IoU. Returns (lr for the next phase, stop); `lr` (the
+    state's rate) is used only when the schedule holds none."""
+    if self.lr is None:
+      self.lr = float(lr)
     if value > self.best:
       self.best, self.bad_evals = value, 0
-      return lr, False
+      return self.lr, False
     self.bad_evals += 1
-    if self.bad_evals > self.patience:
-      lr, self.bad_evals = lr / self.factor, 0
-      logging.info("val G_IoU has not improved for %d evaluations: lr -> %g", self.patience + 1,
-                   lr)
-    return lr, lr < self.min_lr
+    if self.bad_evals <= self.patience:
+      return self.lr, False
+    if self.lr < self.min_lr:
+      return self.lr, True
+    self.lr, self.bad_evals = self.lr / self.factor, 0
+    logging.info("val G_IoU has not improved for %d evaluations: lr -> %g", self.patience + 1,
+                 self.lr)
+    return self.lr, False

@@ -3,11 +3,11 @@
 One jitted train step (`steps.make_train_step`), a pure function of (state, batch), over a mesh of
 all devices (`sharding`: the batch sharded on 'data', the state replicated; BatchNorm sees the
 global batch). Around it, in order: datasets (`data.sources`), the initial state (`state`, ImageNet
-encoders via `convert`), resume from the latest checkpoint (`checkpoint`), then steps with a
-progress line every config.log_every_steps, an evaluation of validation (and test) every
-config.eval_every_steps (`evaluate`) that drives the plateau schedule and keeps the best
-checkpoint, and a final checkpoint. SIGTERM saves and exits; a non-finite loss stops the run
-with the last good checkpoint intact.
+encoders as config.init says via `convert.init_encoders`), resume from the latest checkpoint
+(`checkpoint`), then steps with a progress line every config.log_every_steps, an evaluation of
+validation (and test) every config.eval_every_steps (`evaluate`) that drives the plateau schedule
+and keeps the best checkpoint, and a final checkpoint. SIGTERM saves and exits; a non-finite
+loss stops the run with the last good checkpoint intact.
 """
 from __future__ import annotations
 
@@ -67,19 +67,20 @@ class Preemption:
     return self.requested
 
 
-def initial_state(config, example, total_steps: int, mesh):
+def initial_state(config, example, total_steps: int, mesh, *, pretrained: bool = True):
   """(model, state replicated on mesh, description of the initialisation) for a fresh run.
 
-  `example` is one training example (its image / aux shapes size the model); the encoders start
-  from config.init.resnet34_checkpoint when set, as the release's do."""
+  `example` is one training example (its image / aux shapes size the model). With
+  config.init.imagenet the encoders start from torchvision's ImageNet ResNet-34, as the
+  release's do (convert.init_encoders: a local file, the cache, or a one-time download);
+  `pretrained=False` skips that (a resumed run restores its own weights over these)."""
   size = sources.input_size(config)
   image_shape = (1, *((size, size) if size else np.asarray(example["image"]).shape[:2]), 3)
   aux_shape = image_shape[:3] + (np.asarray(example["aux"]).shape[-1],)
   variables, run_key = state_lib.init_variables(config, image_shape, aux_shape)
   init = "random"
-  if config.init.resnet34_checkpoint:
-    variables, branches = convert.init_from_imagenet(variables, config.init.resnet34_checkpoint)
-    init = f"ImageNet ResNet-34 {config.init.resnet34_checkpoint} in {'/'.join(branches)}"
+  if pretrained:
+    variables, init = convert.init_encoders(variables, config)
   model, state = state_lib.create_state(config, variables, total_steps, run_key)
   return model, sharding.put_replicated(state, mesh), init
 
@@ -91,6 +92,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   WORKDIR/log.txt."""
   with reporting.log_to_workdir(workdir):
     return _train_and_evaluate(config, pathlib.Path(workdir).absolute())
+
+
+def learning_rate_on_resume(config, state, plateau, meta, step: int):
+  """The learning rate a restored run continues with (returns (state, plateau)), printed when it
+  is not the obvious one:
+
+  - 'plateau': the checkpoint's rate (what the schedule had reached: exact resume), unless
+    config.optimizer.reset_learning_rate, or the checkpoint is step 0 (converted release weights:
+    fine-tuning starts at config.optimizer.learning_rate). A config whose rate differs from the
+    one the run started with is told so, since the command line alone does not change it.
+  - 'constant': config.optimizer.learning_rate (nothing decays it; the state's copy is replaced).
+  - 'cosine': the schedule rebuilt from the config at the restored step (nothing to do).
+  """
+  opt = config.optimizer
+  configured = float(opt.learning_rate)
+  if opt.schedule == "cosine":
+    return state, plateau
+  held = float(jax.device_get(state_lib.current_learning_rate(state)))
+  current = plateau.lr if (opt.schedule == "plateau" and plateau.lr is not None) else held
+  started = meta.get("config", {}).get("optimizer", {}).get("learning_rate")
+  reset = opt.schedule == "constant" or step == 0 or opt.reset_learning_rate
+  if not reset:
+    if started is not None and float(started) != configured:
+      reporting.console(
+          f"config.optimizer.learning_rate {configured:.2e} differs from the {float(started):.2e} "
+          f"this run started with: continuing at the checkpoint's {current:.2e} (set "
+          f"config.optimizer.reset_learning_rate=True to restart the schedule at {configured:.2e})")
+    return state, plateau
+  if configured != current:
+    why = ("config.optimizer.reset_learning_rate" if opt.reset_learning_rate and step
+           else "fine-tuning from step 0" if step == 0 else "constant schedule")
+    reporting.console(f"learning rate {configured:.2e} from config.optimizer.learning_rate "
+                      f"({why}; the checkpoint held {current:.2e})")
+  state = state_lib.set_learning_rate(state, configured)
+  if opt.schedule == "plateau":  # a fresh schedule at the configured rate; the best score stays
+    plateau = dataclasses.replace(plateau, lr=configured, bad_evals=0)
+  return state, plateau
 
 
 def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
@@ -110,8 +148,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   ckpt_every = config.checkpoint_every_steps or eval_every
 
   data_iter = iter(sources.train_loader(config, train_source))
-  model, state, init = initial_state(config, train_source[0], total_steps, mesh)
   ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
+  model, state, init = initial_state(config, train_source[0], total_steps, mesh,
+                                     pretrained=ckpts.latest.latest_step() is None)
   plateau = state_lib.PlateauSchedule.from_config(config)
   history = []
   if ckpts.latest.latest_step() is not None:
@@ -122,6 +161,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     history = meta.get("history", [])
     init = f"from checkpoint step {step0}"
     reporting.console(f"Resumed from step {step0} in {workdir}")
+    state, plateau = learning_rate_on_resume(config, state, plateau, meta, step0)
   start_step = int(jax.device_get(state.step))
   writer = reporting.metric_writer(workdir)
   if start_step == 0:
@@ -186,7 +226,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     improved = val["g_iou"] > plateau.best
     stop = False
     if config.optimizer.schedule == "plateau":
-      lr = float(jax.device_get(state_lib.current_learning_rate(state)))
+      lr = (plateau.lr if plateau.lr is not None
+            else float(jax.device_get(state_lib.current_learning_rate(state))))
       new_lr, stop = plateau.update(val["g_iou"], lr)
       if new_lr != lr:
         state = state_lib.set_learning_rate(state, new_lr)
@@ -245,8 +286,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
           elif step % ckpt_every == 0:
             ckpts.save(step, state, meta_dict(), consumed)
           if stop:
-            reporting.console(f"learning rate fell below {config.optimizer.min_learning_rate}: "
-                              "stopping")
+            reporting.console(
+                f"val G_IoU has not improved for {plateau.patience + 1} evaluations and the "
+                f"learning rate {plateau.lr:.2e} is below {config.optimizer.min_learning_rate}: "
+                "stopping (the release's rule)")
           progress.restart_clock(step)
         elif step % ckpt_every == 0:
           ckpts.save(step, state, meta_dict(), consumed)

@@ -35,9 +35,23 @@ def get_config(preset: str = ""):
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
       remat=False,              # rematerialise stem, blocks and DEMs (memory for FLOPs)
   ))
-  # Optional initialisation: torchvision ResNet-34 ImageNet weights (a local .pth or .npz) into
-  # both encoders, as the release does. Empty = random init.
-  config.init = ml_collections.ConfigDict(dict(resnet34_checkpoint=""))
+  # Initialisation (cmmp_jax.convert.init_encoders, README "Training"). The release builds both
+  # encoders from torchvision's ImageNet ResNet-34 (models.resnet34(pretrained=True)); the
+  # auxiliary stem keeps its own new 1-channel conv. The weights file is, in order:
+  # resnet34_checkpoint if set; else resnet34-b627a593.pth in cache_dir (or torchvision's own
+  # cache, ~/.cache/torch/hub/checkpoints); else a one-time download from download.pytorch.org
+  # into cache_dir (SHA-256 prefix b627a593 checked) when download=True. Offline without the
+  # file: an error saying what to fetch and where to put it.
+  config.init = ml_collections.ConfigDict(dict(
+      imagenet=True,            # False = train from scratch (random init; the explicit opt-out)
+      resnet34_checkpoint="",   # a local torchvision ResNet-34 state_dict (.pth or .npz)
+      cache_dir="",             # "" = $CMMP_JAX_CACHE, else ~/.cache/cmmp_jax
+      download=True,            # allow the one-time download when the file is missing
+      # release: the stem's input channels reversed, so that our RGB input meets the filters the
+      # release applied to its BGR pixels (torchvision's RGB filters on OpenCV's BGR) | rgb: the
+      # filters on the channels they were trained on (ImageNet's meaning, not the release's).
+      image_stem="release",
+  ))
 
   config.data = ml_collections.ConfigDict(dict(
       name="synthetic",         # TFDS builder: synthetic | bjroad | porto | tlcgis | custom
@@ -62,7 +76,8 @@ def get_config(preset: str = ""):
       schedule="plateau",       # plateau (release) | cosine | constant
       plateau_patience=5,       # evaluations without a better val G_IoU before lr /= factor
       plateau_factor=10.0,
-      min_learning_rate=1e-8,   # plateau: stop training below this
+      min_learning_rate=1e-8,   # plateau: stop at a plateau when lr is already below this
+      reset_learning_rate=False,  # resuming: restart at learning_rate instead of the checkpoint's
       warmup_steps=0,           # cosine only
       b1=0.9, b2=0.999, eps=1e-8,
       grad_clip_norm=0.0,       # > 0 clips the global gradient norm
