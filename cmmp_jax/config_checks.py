@@ -9,6 +9,7 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
+import jax
 import ml_collections
 
 from cmmp_jax import reporting
@@ -21,16 +22,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   checks = [
       ("model.name", config.model.name, tuple(MODELS)),
       ("model.backbone", config.model.backbone, BACKBONES),
-      ("model.dtype", config.model.dtype, ("float32", "bfloat16")),
+      # float64: parity checks only (tests/test_parity_train_step.py); needs jax_enable_x64.
+      ("model.dtype", config.model.dtype, ("float32", "bfloat16", "float64")),
       ("model.decoder", config.model.decoder, ("linknet", "sun1d")),
       ("model.upsample_method", config.model.upsample_method,
        ("auto", "dilated", "subpixel")),
       ("optimizer.schedule", config.optimizer.schedule, ("plateau", "cosine", "constant")),
       ("data.scaling", config.data.scaling, ("reference", "unit")),
+      ("init.image_stem", config.init.image_stem, ("release", "rgb")),
   ]
   for field, value, allowed in checks:
     if value not in allowed:
       raise ValueError(f"config.{field} = {value!r} is not one of {list(allowed)}")
+  if config.model.dtype == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError("config.model.dtype = 'float64' is for parity checks only and needs "
+                     "jax_enable_x64 (JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', "
+                     "True)); without it JAX computes in float32")
   positive = [("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size),
               ("optimizer.learning_rate", config.optimizer.learning_rate)]
   for field, value in positive:
@@ -38,6 +45,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field} must be > 0, got {value!r}")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_epochs or config.num_train_steps to a positive number")
+  if config.init.resnet34_checkpoint and not config.init.imagenet:
+    raise ValueError("config.init.resnet34_checkpoint is set but config.init.imagenet=False "
+                     "(training from scratch); set --config.init.imagenet=True to load it")
 
 
 def config_from_flags(argv: Sequence[str]) -> ml_collections.ConfigDict:

@@ -16,6 +16,7 @@ def get_config(preset: str = ""):
   config.data.config = "release"
   config.data.input_size = 512
   config.data.augment = True
+  config.init.imagenet = True  # ImageNet ResNet-34 encoders, as the release's (default.py)
   config.data.num_workers = 4
   config.num_epochs = 30
   config.predict.window = 1024

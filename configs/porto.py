@@ -12,6 +12,7 @@ def get_config(preset: str = ""):
   config.data.name = "porto"
   config.data.config = "fold_1"
   config.data.num_workers = 4
+  config.init.imagenet = True  # ImageNet ResNet-34 encoders, as the release's (default.py)
   config.num_epochs = 50
   config.predict.window = 512
   return presets.apply(config, preset)

@@ -13,6 +13,7 @@ def get_config(preset: str = ""):
   config.data.config = ""  # the builder has one configuration
   config.data.input_size = 512
   config.data.num_workers = 4
+  config.init.imagenet = True  # ImageNet ResNet-34 encoders, as the release's (default.py)
   config.num_epochs = 50
   config.predict.window = 512
   return presets.apply(config, preset)

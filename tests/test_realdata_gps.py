@@ -103,19 +103,36 @@ def _bjroad_rows(realdata_dir):
 
 
 def test_bjroad_rows_project_onto_recorded_pixels(realdata_dir):
+  """Each of the nine rows is projected with a tile placed WITHOUT it: pixel steps from the
+  web-mercator zoom-18 grid the tiles come from (360 / 2^26 degrees of longitude per pixel, the
+  latitude step from the mercator scale at the tile's latitude), and the tile's north-west
+  corner from the other eight rows (leave one out). NOTES.md's fit, made from all nine, must
+  agree with that grid."""
   rows, fit = _bjroad_rows(realdata_dir)
   assert len(rows) == 9 and fit is not None
-  west, lon_step, north, lat_step = (float(v) for v in fit.groups())
-  # The tile implied by the fitted mapping: 1024 x 1024 pixels from the north-west corner.
-  bounds = (west, north - 1024 * lat_step, west + 1024 * lon_step, north)
   recorded_row = np.array([int(r[3]) for r in rows])
   recorded_col = np.array([int(r[4]) for r in rows])
   lon = np.array([float(r[8]) for r in rows])
   lat = np.array([float(r[9]) for r in rows])
-  cols, rows_px = hm.lonlat_to_pixel(lon, lat, bounds, 1024, 1024)
-  # NOTES.md: lon/lat are rounded to 5 decimals, so projections land within about 2 px.
-  assert np.all(np.abs(rows_px - recorded_row) <= 2.0)
-  assert np.all(np.abs(cols - recorded_col) <= 2.0)
+  lon_step = 360.0 / 2 ** 26  # 256-px tiles at zoom 18
+  lat_step = lon_step * np.cos(np.radians(lat.mean()))  # mercator: dlat = dlon * cos(lat)
+  _, fit_lon_step, _, fit_lat_step = (float(v) for v in fit.groups())
+  assert fit_lon_step == pytest.approx(lon_step, rel=1e-3)
+  assert fit_lat_step == pytest.approx(lat_step, rel=2e-3)
+  cols = np.empty(9)
+  rows_px = np.empty(9)
+  for held_out in range(9):
+    others = np.arange(9) != held_out
+    west = np.median(lon[others] - lon_step * (recorded_col[others] + 0.5))
+    north = np.median(lat[others] + lat_step * (recorded_row[others] + 0.5))
+    bounds = (west, north - 1024 * lat_step, west + 1024 * lon_step, north)
+    c, r = hm.lonlat_to_pixel(lon[held_out:held_out + 1], lat[held_out:held_out + 1], bounds,
+                              1024, 1024)
+    cols[held_out], rows_px[held_out] = c[0], r[0]
+  # NOTES.md: lon/lat are rounded to 5 decimals (about 2 px), the recorded pixel is the pixel
+  # that holds the point (its centre is 0.5 px away at most).
+  assert np.all(np.abs(rows_px - (recorded_row + 0.5)) <= 3.0), rows_px - recorded_row
+  assert np.all(np.abs(cols - (recorded_col + 0.5)) <= 3.0), cols - recorded_col
   counts, stats = hm.count_points(cols, rows_px, 1024, 1024)
   assert stats.n_rendered == 9
   hit_rows, hit_cols = np.nonzero(counts)
