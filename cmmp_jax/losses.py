@@ -4,7 +4,8 @@ All functions are pure jax.numpy, jit-friendly and use NHWC layouts:
   logits: (B, h, w, 1) float (float32 or bfloat16), pre-sigmoid road scores.
   labels: (B, H, W, 1) uint8 or float with values in [0, 1] (1 = road); (H, W) may differ
           from (h, w).
-The loss is always computed in float32, whatever the logits' dtype.
+The loss is computed in float32 for float32 and bfloat16 logits; float64 logits (model.dtype
+'float64', parity checks under jax_enable_x64) keep float64 throughout.
 
 Faithfulness to the reference release:
   * BCE is the mean over every pixel of every (valid) example, as torch's BCELoss does; here
@@ -37,6 +38,11 @@ def _check_nhwc(name: str, array: jnp.ndarray) -> None:
         f"{name} must be NHWC with 4 dimensions (B, H, W, C); got shape {tuple(array.shape)}")
 
 
+def compute_dtype(logits: jnp.ndarray):
+  """The loss's dtype: float32, or float64 for float64 logits (never below float32)."""
+  return jnp.promote_types(logits.dtype, jnp.float32)
+
+
 def resize_labels_to(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
   """Resizes labels to the logits' spatial size, as the reference loss does.
 
@@ -45,9 +51,10 @@ def resize_labels_to(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     labels: (B, H, W, C) array, uint8 or float, values in [0, 1].
 
   Returns:
-    (B, h, w, C) float32 labels: bilinear (half-pixel centres, no anti-aliasing, i.e. cv2
-    INTER_LINEAR) resampling of `labels`, not re-thresholded, so values at road borders lie
-    strictly between 0 and 1. Returned unchanged (cast to float32) when sizes already agree.
+    (B, h, w, C) float32 labels (float64 for float64 logits): bilinear (half-pixel centres,
+    no anti-aliasing, i.e. cv2 INTER_LINEAR) resampling of `labels`, not re-thresholded, so
+    values at road borders lie strictly between 0 and 1. Returned unchanged (cast) when sizes
+    already agree.
 
   Raises:
     LossShapeError: when either array is not 4-D, or batch or channel counts differ.
@@ -58,22 +65,23 @@ def resize_labels_to(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     raise LossShapeError(
         f"labels shape {tuple(labels.shape)} does not match logits shape "
         f"{tuple(logits.shape)} in batch size or channel count")
-  labels = jnp.asarray(labels, jnp.float32)
+  labels = jnp.asarray(labels, compute_dtype(logits))
   if labels.shape[1:3] == logits.shape[1:3]:
     return labels
   target_shape = (labels.shape[0], logits.shape[1], logits.shape[2], labels.shape[3])
   return jax.image.resize(labels, target_shape, method="bilinear", antialias=False)
 
 
-def _example_weights(valid: Optional[jnp.ndarray], batch_size: int) -> jnp.ndarray:
-  """Returns (B,) float32 weights, 1 for real examples and 0 for padded rows."""
+def _example_weights(valid: Optional[jnp.ndarray], batch_size: int,
+                     dtype=jnp.float32) -> jnp.ndarray:
+  """Returns (B,) weights of `dtype`, 1 for real examples and 0 for padded rows."""
   if valid is None:
-    return jnp.ones((batch_size,), jnp.float32)
+    return jnp.ones((batch_size,), dtype)
   valid = jnp.asarray(valid)
   if valid.shape != (batch_size,):
     raise LossShapeError(
         f"valid must have shape ({batch_size},) to match the batch; got {tuple(valid.shape)}")
-  return valid.astype(jnp.float32)
+  return valid.astype(dtype)
 
 
 def bce_dice_loss(logits: jnp.ndarray,
@@ -93,13 +101,15 @@ def bce_dice_loss(logits: jnp.ndarray,
     dice: when False, return BCE alone.
 
   Returns:
-    Scalar float32 loss: mean BCE over the valid pixels, plus 1 - soft Dice (smooth = 1) over
-    all valid pixels of the batch together. A batch with no valid row gives 0.
+    Scalar float32 loss (float64 for float64 logits): mean BCE over the valid pixels, plus
+    1 - soft Dice (smooth = 1) over all valid pixels of the batch together. A batch with no
+    valid row gives 0.
   """
+  dtype = compute_dtype(logits)
   labels = resize_labels_to(logits, labels)
-  logits = jnp.asarray(logits, jnp.float32)
+  logits = jnp.asarray(logits, dtype)
   batch_size, height, width, channels = logits.shape
-  weights = _example_weights(valid, batch_size)[:, None, None, None]
+  weights = _example_weights(valid, batch_size, dtype)[:, None, None, None]
 
   # softplus(x) - x*y == -[y*log(sigmoid(x)) + (1-y)*log(1-sigmoid(x))], without overflow.
   pixel_bce = jax.nn.softplus(logits) - logits * labels

@@ -63,6 +63,8 @@ def realdata_dir(shared_dir) -> pathlib.Path:
 # then find it in the compilation cache instead of both workers compiling it at once.
 RUN_ORDER = (
     "tests/test_sharding.py",
+    "tests/test_parity_train_step.py",
+    "tests/test_accelerator_check.py::test_the_one_command_runs_end_to_end_in_smoke_mode",
     "tests/test_models.py::test_every_model_runs_forward_and_backward[cmmpnet-resunet]",
     "tests/test_models.py::test_every_model_runs_forward_and_backward[cmmpnet-dlinknet34]",
     "tests/test_models.py::test_every_model_runs_forward_and_backward[gated_fusion-dlinknet34]",

@@ -25,7 +25,10 @@ MODELS = {
     "late_fusion": (LateFusion, {}),
     "gated_fusion": (GatedFusionNet, {}),
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Compute dtypes (parameters stay float32 unless given otherwise). float64: parity checks only
+# (tests/test_parity_train_step.py against the release's float64 training step); needs
+# jax.config.update("jax_enable_x64", True) before the model is built and float64 parameters.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 # What upsample_method='auto' computes transposed convolutions with, per backend: the
 # formulation measured faster there, else XLA's native one. CPU: 'subpixel' (benchmarks/NOTES.md
 # C2 and the full-size rows there). GPU and TPU: 'dilated', not measured yet (NOTES.md G1;

@@ -1,9 +1,9 @@
 """CMMPNet and the two-branch fusion models built on the same skeleton.
 
 Every model maps (image (N, H, W, 3), aux (N, H, W, C)) floats, already scaled by the pipeline,
-to logits (N, H, W, 1) float32 (pre-sigmoid). H and W must be multiples of 32 (five stride-2
-steps); any such size works, including sizes whose deepest map is not a multiple of the SPP
-levels.
+to logits (N, H, W, 1) float32 (pre-sigmoid; float64 when the compute dtype is float64, for
+parity checks). H and W must be multiples of 32 (five stride-2 steps); any such size works,
+including sizes whose deepest map is not a multiple of the SPP levels.
 
 Intermediate features are sown into the 'intermediates' collection (apply with
 `mutable=['intermediates']` to read them); otherwise sowing costs nothing.
@@ -37,6 +37,12 @@ def check_inputs(image, aux, aux_channels: int, multiple: int = 32):
     raise ValueError(f"image {image.shape} and aux {aux.shape} differ in batch or size")
 
 
+def output_dtype(dtype):
+  """The dtype of the final conv and the logits: float32 for float32 and bfloat16 compute,
+  float64 for float64 compute (parity checks under jax_enable_x64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 class GatedFusion(nn.Module):
   """DeepDualMapper-style gated fusion: per-pixel softmax weights over the two modalities,
   computed from both maps; both branches continue from the fused map."""
@@ -46,7 +52,7 @@ class GatedFusion(nn.Module):
   def __call__(self, f_image, f_aux, train: bool):
     del train
     weights = nn.softmax(Conv(2, 3, dtype=self.dtype, name="gate")(
-        jnp.concatenate([f_image, f_aux], axis=-1)).astype(jnp.float32), axis=-1)
+        jnp.concatenate([f_image, f_aux], axis=-1)).astype(output_dtype(self.dtype)), axis=-1)
     fused = (weights[..., :1] * f_image + weights[..., 1:] * f_aux).astype(f_image.dtype)
     return fused, fused
 
@@ -117,8 +123,9 @@ class DualBranchNet(nn.Module):
       self.sow("intermediates", f"fused_d{level}", (fi, fa))
     heads = jnp.concatenate([img.final(fi), ax.final(fa)], axis=-1)
     # The one-channel fusion conv runs in float32 (negligible cost): the logits are thresholded.
-    logits = Conv(1, 3, dtype=jnp.float32, name="finalconv")(heads)
-    return logits.astype(jnp.float32)
+    # (float64 compute, for parity checks, keeps float64.)
+    out = output_dtype(self.dtype)
+    return Conv(1, 3, dtype=out, name="finalconv")(heads).astype(out)
 
 
 class CMMPNet(DualBranchNet):
@@ -161,5 +168,5 @@ class SingleBranchNet(nn.Module):
                        f"{self.inputs!r}")
     net = Autoencoder(self.backbone, self.width, tuple(self.depths), self.inputs == "aux",
                       self.decoder, self.upsample_method, self.remat, self.dtype, name="net")
-    logits = Conv(1, 3, dtype=jnp.float32, name="finalconv")(net(x(), train))
-    return logits.astype(jnp.float32)
+    out = output_dtype(self.dtype)
+    return Conv(1, 3, dtype=out, name="finalconv")(net(x(), train)).astype(out)
