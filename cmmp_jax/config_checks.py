@@ -43,6 +43,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field, value in positive:
     if not value > 0:
       raise ValueError(f"config.{field} must be > 0, got {value!r}")
+  group = config.get("batch_norm_group_size", 0)
+  if group < 0 or (0 < group < config.batch_size and config.batch_size % group):
+    raise ValueError(f"config.batch_norm_group_size = {group} must be 0 (the whole batch) or "
+                     f"divide config.batch_size = {config.batch_size}")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_epochs or config.num_train_steps to a positive number")
   if config.init.resnet34_checkpoint and not config.init.imagenet:

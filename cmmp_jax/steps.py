@@ -18,13 +18,32 @@ from cmmp_jax.state import TrainState, current_learning_rate
 
 def make_loss_fn(model, config):
   """(params, batch_stats, batch) -> (loss, {'batch_stats': updated}): the training forward
-  (BatchNorm in train mode) and config.loss, differentiated by the train step."""
+  (BatchNorm in train mode) and config.loss, differentiated by the train step.
+
+  config.batch_norm_group_size = g > 0 computes BatchNorm's batch statistics over groups of g
+  consecutive images instead of the whole global batch: the release ran DataParallel on 2 GPUs
+  with 4 images each, so each BatchNorm saw 4 images, and its running statistics are those of
+  the first GPU's replica (DataParallel shares only device 0's buffers with the module). Here the
+  model is vmapped over the groups (each instance sees g images) and the running statistics of
+  the first group are kept. The loss stays over the whole batch (the release's batch Dice).
+  """
   dice = bool(config.loss.dice)
+  group = int(config.get("batch_norm_group_size", 0) or 0)
+
+  def forward(variables, image, aux):
+    if not group or group >= image.shape[0]:
+      return model.apply(variables, image, aux, train=True, mutable=["batch_stats"])
+    groups = image.shape[0] // group
+    split = lambda x: x.reshape(groups, group, *x.shape[1:])
+    logits, updates = jax.vmap(
+        lambda i, a: model.apply(variables, i, a, train=True, mutable=["batch_stats"]))(
+            split(image), split(aux))
+    return (logits.reshape(image.shape[0], *logits.shape[2:]),
+            jax.tree.map(lambda x: x[0], updates))
 
   def loss_fn(params, batch_stats, batch):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                                  batch["image"], batch["aux"], train=True,
-                                  mutable=["batch_stats"])
+    logits, updates = forward({"params": params, "batch_stats": batch_stats},
+                              batch["image"], batch["aux"])
     return losses.bce_dice_loss(logits, batch["mask"], dice=dice), updates
 
   return loss_fn

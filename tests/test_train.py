@@ -5,6 +5,7 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -300,3 +301,52 @@ def test_metric_json_is_standard_json_with_null_for_undefined():
   text = reporting.to_json({"precision": float("nan"), "g_iou": 0.5, "h": [{"x": float("inf")}]})
   assert "NaN" not in text and "Infinity" not in text
   assert json.loads(text) == {"precision": None, "g_iou": 0.5, "h": [{"x": None}]}
+
+
+@pytest.mark.slow
+def test_batch_norm_statistics_per_group_of_images_like_the_release():
+  """batch_norm_group_size=2 on a batch of 4: the loss is that of the two halves run through
+  the model separately (each BatchNorm sees 2 images) and concatenated; the running statistics
+  are the first half's (DataParallel keeps device 0's replica's buffers)."""
+  from cmmp_jax import losses  # pylint: disable=g-import-not-at-top
+  config = synthetic_config(**{"model.name": "image_only", "model.width": 0.125,
+                               "model.depths": (1, 1, 1, 1), "batch_size": 4,
+                               "batch_norm_group_size": 2})
+  variables, _ = state_lib.init_variables(config, (1, 32, 32, 3), (1, 32, 32, 1))
+  model = state_lib.model_from_config(config)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
+           "aux": rng.normal(size=(4, 32, 32, 1)).astype(np.float32),
+           "mask": (rng.uniform(size=(4, 32, 32, 1)) > 0.7).astype(np.float32)}
+  batch["image"][2:] = batch["image"][2:] * 3 + 2  # halves with other statistics
+  params, stats = variables["params"], variables["batch_stats"]
+  grouped = jax.jit(jax.value_and_grad(steps.make_loss_fn(model, config), has_aux=True))
+  (loss, updates), grads = grouped(params, stats, batch)
+
+  def halves_loss(params):
+    halves = [model.apply({"params": params, "batch_stats": stats}, batch["image"][i:i + 2],
+                          batch["aux"][i:i + 2], train=True, mutable=["batch_stats"])
+              for i in (0, 2)]
+    logits = jnp.concatenate([h[0] for h in halves])
+    return losses.bce_dice_loss(logits, batch["mask"]), halves[0][1]
+
+  (expected, first_half), expected_grads = jax.jit(jax.value_and_grad(halves_loss, has_aux=True))(
+      params)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  leaves = lambda tree: jax.tree_util.tree_leaves(tree)
+  for got, want in zip(leaves(grads), leaves(expected_grads)):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6)
+  for got, want in zip(leaves(updates["batch_stats"]), leaves(first_half["batch_stats"])):
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)  # float32 reduction order
+  # Statistics over the whole batch give other gradients and running statistics (so the
+  # comparisons above can fail).
+  config.batch_norm_group_size = 0
+  (_, whole_updates), whole_grads = jax.jit(jax.value_and_grad(
+      steps.make_loss_fn(model, config), has_aux=True))(params, stats, batch)
+  difference = lambda a, b: max(float(np.max(np.abs(x - y))) / (float(np.max(np.abs(y))) + 1e-12)
+                                for x, y in zip(leaves(a), leaves(b)))
+  assert difference(whole_grads, grads) > 0.05
+  assert difference(whole_updates["batch_stats"], updates["batch_stats"]) > 0.05
+  config.batch_norm_group_size = 3
+  with pytest.raises(ValueError, match="batch_norm_group_size = 3 must be 0"):
+    config_checks.validate(config)
