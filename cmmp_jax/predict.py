@@ -675,7 +675,9 @@ def predict_from_checkpoint(config, workdir) -> dict:
       if probs.shape != label.shape[:2]:
         probs = cv2.resize(probs, label.shape[1::-1], interpolation=cv2.INTER_LINEAR)
       written += write_prediction(output_dir, tile_id, probs, threshold=pcfg.threshold)
-      write_png_atomic(output_dir / f'{tile_id}_label.png', (label[..., 0] * 255).astype(np.uint8))
+      label_path = output_dir / f'{tile_id}_label.png'
+      write_png_atomic(label_path, (label[..., 0] * 255).astype(np.uint8))
+      written.append(label_path)
     summary = {'written': [str(p) for p in written]}
   who = f' by process {jax.process_index()}' if jax.process_count() > 1 else ''
   message = (f"predictions of step {step} written to {output_dir} "

@@ -129,8 +129,8 @@ def test_predict_writes_road_maps_of_test_tiles(trained, tmp_path):
                                                 "predict.window": 64, "predict.overlap": 16})
   summary = predict.predict_from_checkpoint(config, str(workdir))
   names = sorted(pathlib.Path(p).name for p in summary["written"])
-  assert names == ["test_00000_prob.png", "test_00000_road.png", "test_00001_prob.png",
-                   "test_00001_road.png"]
+  assert names == ["test_00000_label.png", "test_00000_prob.png", "test_00000_road.png",
+                   "test_00001_label.png", "test_00001_prob.png", "test_00001_road.png"]
   from PIL import Image
   road = np.asarray(Image.open(tmp_path / "pred" / "test_00000_road.png"))
   assert road.shape == (64, 64) and set(np.unique(road)) <= {0, 255}
