@@ -3,7 +3,7 @@
   python -m benchmarks.run [--config=configs/default.py[:presets] --config.model.dtype=bfloat16
       --config.model.width=1.0 --config.model.depths='(3,4,6,3)' --config.model.remat=True
       --size=1024 --batch=2 --steps=20 --json=PATH
-      --sections=train,eval,maxbatch,pipeline,render,scaling]
+      --sections=train,eval,release,maxbatch,pipeline,render,scaling]
 
 Prints one table and writes a JSON report ('meta': device kind and count, platform, JAX and Flax
 versions, model, sizes, dtype, device peak; then one entry per section). The JSON is rewritten
@@ -20,6 +20,13 @@ Sections:
             with block_until_ready), FLOPs and bytes per image from XLA's cost analysis,
             arithmetic intensity, MFU against the device peak, compiled and device memory.
   eval      the same for the evaluation step (forward, sigmoid, per-tile counts).
+  release   the authors' PyTorch release model (benchmarks.release_torch, rebuilt; an optional
+            dependency: without torch the section prints one skip line) at the same batch,
+            size, width, depths and aux channels, on the same machine, float32 NCHW, train mode:
+            its forward, forward + loss + backward, and full step (+ Adam), beside ours
+            (train_step.measure_forward / measure_forward_backward, and the train section's step
+            when it ran), and the ratios cmmp-jax / release. CPU, or CUDA when JAX runs on a
+            GPU and torch sees one.
   maxbatch  the largest global batch whose train step fits, without and with remat (doubling
             from --batch, then bisecting; out-of-memory errors caught; on CPU bounded by
             --maxbatch_cap and a compiled-memory budget, since host OOM cannot be caught).
@@ -34,6 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -54,7 +63,8 @@ from benchmarks import render
 from benchmarks import train_step as step_lib
 from cmmp_jax import config_checks
 
-SECTIONS = ("train", "eval", "maxbatch", "pipeline", "render", "scaling")
+SECTIONS = ("train", "eval", "release", "maxbatch", "pipeline", "render", "scaling")
+RELEASE_SKIPPED = "PyTorch not importable; pip install torch to compare"
 REPO_ROOT = step_lib.REPO_ROOT
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -165,6 +175,67 @@ def pipeline_section(spec, args) -> dict[str, Any]:
       raise step_lib.BenchmarkError(
           f"pipeline benchmark failed (exit {done.returncode}): {' '.join(cmd)}\n{tail}")
     return json.loads(out.read_text())
+
+
+def release_mismatch(spec) -> str | None:
+  """Why spec's model is not the release's architecture (None when it is): the release is
+  CMMPNet on D-LinkNet-34 with the default DEM and decoder; width, depths, aux channels, dtype,
+  upsample method and remat may differ (ours vary how, not what, is computed)."""
+  if spec.model != "cmmpnet":
+    return f"model {spec.model!r} is not the release's CMMPNet"
+  if spec.model_extras:
+    fields = ", ".join(f"{k}={v}" for k, v in spec.model_extras)
+    return f"model fields differ from the release's: {fields}"
+  return None
+
+
+def _release_device(torch_module) -> tuple[str | None, str | None]:
+  """(torch device for the release, None) on JAX's platform, or (None, why not)."""
+  platform = jax.default_backend()
+  if platform == "cpu":
+    return "cpu", None
+  if platform == "gpu" and torch_module.cuda.is_available():
+    return "cuda", None
+  return None, f"JAX runs on {platform}; PyTorch has no device of that kind here"
+
+
+def release_section(spec, args, variables, report) -> dict[str, Any]:
+  """The release model's forward, forward + backward and step beside ours, and the ratios
+  cmmp-jax / release (see the module docstring). Skipped, with the reason in 'skipped', when
+  torch is not importable, the model is not the release's, or torch has no matching device."""
+  try:  # torch is imported here, only when the section runs
+    release_torch = importlib.import_module("benchmarks.release_torch")
+  except ImportError as error:
+    return {"skipped": RELEASE_SKIPPED, "error": f"{type(error).__name__}: {error}"}
+  reason = release_mismatch(spec)
+  device, why = _release_device(release_torch.torch)
+  if reason or why:
+    return {"skipped": reason or why}
+  ours = {"forward": step_lib.measure_forward(spec, train=True, steps=args.steps,
+                                              warmup=args.warmup, variables=variables),
+          "forward_backward": step_lib.measure_forward_backward(
+              spec, steps=args.steps, warmup=args.warmup, variables=variables)}
+  ours_s = {k: v["ms_per_step"] / 1e3 for k, v in ours.items()}
+  train = report.get("train")
+  ours_s["step"] = train["ms_per_step"] / 1e3 if train else None
+  release = release_torch.time_release_step(
+      spec.batch, spec.size, spec.aux_channels, device, args.steps, args.warmup,
+      width=spec.width, depths=spec.depths)
+  release_s = {k: release[f"{k}_s"] for k in ("forward", "forward_backward", "step")}
+  ours_s["backward"] = ours_s["forward_backward"] - ours_s["forward"]
+  release_s["backward"] = release_s["forward_backward"] - release_s["forward"]
+  # (None where a time is missing, or a derived backward time is not positive: timing noise
+  # at tiny sizes.)
+  ratio = {k: (ours_s[k] / release_s[k] if ours_s[k] is not None and ours_s[k] > 0
+               and release_s[k] > 0 else None) for k in release_s}
+  return {"release": release, "release_seconds": release_s, "cmmp_jax_seconds": ours_s,
+          "ratio": ratio, "cmmp_jax": ours, "dtype": spec.dtype,
+          "upsample_method": spec.upsample_method, "remat": spec.remat,
+          "note": ("all passes in train mode (BatchNorm batch statistics); forward without "
+                   "gradients; forward_backward = forward + BCE/Dice loss + parameter "
+                   "gradients; step = forward_backward + Adam (ours: the train section's "
+                   "step, also gradient norm and finiteness check); backward = "
+                   "forward_backward - forward")}
 
 
 def render_section(args) -> dict[str, Any]:
@@ -315,6 +386,8 @@ def format_report(report: dict[str, Any]) -> str:
     if any(report[s]["nonfinite_steps"] for s in steps if "nonfinite_steps" in report[s]):
       lines.append(f"  note: {report['train']['nonfinite_steps']} train steps had a non-finite "
                    "loss or gradient (state kept; timing unaffected)")
+  if "release" in report:
+    lines.extend(format_release(report["release"]))
   if "maxbatch" in report:
     parts = []
     for key, label in (("no_remat", "remat off"), ("remat", "remat on")):
@@ -342,6 +415,26 @@ def format_report(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def format_release(release: dict[str, Any]) -> list[str]:
+  """The release section's lines: one skip line, or a small table of seconds and ratios."""
+  if release.get("skipped"):
+    return [f"release: skipped ({release['skipped']})"]
+  r = release["release"]
+  lines = [f"release (PyTorch {r['torch_version']} on {r['device']}, {r['threads']} threads, "
+           f"float32 NCHW) vs cmmp-jax ({release['dtype']}, {release['upsample_method']}, "
+           f"remat {'on' if release['remat'] else 'off'}), train mode, batch {r['batch']}, "
+           f"{r['size']} px:",
+           f"  {'pass':<28}{'release ms':>12}{'cmmp-jax ms':>13}{'cmmp-jax/release':>18}"]
+  labels = (("forward", "forward"), ("backward", "backward (fwd+bwd - fwd)"),
+            ("forward_backward", "forward + backward"), ("step", "train step (+ Adam)"))
+  for key, label in labels:
+    ours = release["cmmp_jax_seconds"][key]
+    ratio = release["ratio"][key]
+    lines.append(f"  {label:<28}{_fmt(release['release_seconds'][key], 1e-3, 1):>12}"
+                 f"{_fmt(ours, 1e-3, 1):>13}{_fmt(ratio, 1, 2, 'x'):>18}")
+  return lines
+
+
 def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
   """Writes the report atomically (a temporary file renamed over the target)."""
   path = pathlib.Path(path)
@@ -366,6 +459,8 @@ def run(spec: step_lib.StepSpec, args: types.SimpleNamespace) -> dict[str, Any]:
       "donate": not args.no_donate, "argv": args.argv,
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
   model_sections = {"train", "eval", "maxbatch", "scaling"} & set(args.sections)
+  if "release" in args.sections and importlib.util.find_spec("torch") is not None:
+    model_sections.add("release")  # (without torch the section only prints its skip line)
   started = time.perf_counter()
   variables = step_lib.initial_variables(spec) if model_sections else None
   report["meta"]["init_seconds"] = time.perf_counter() - started
@@ -380,6 +475,8 @@ def run(spec: step_lib.StepSpec, args: types.SimpleNamespace) -> dict[str, Any]:
     elif section == "eval":
       report[section] = step_lib.measure_eval(spec, steps=args.steps, warmup=args.warmup,
                                               variables=variables, peak=peak)
+    elif section == "release":
+      report[section] = release_section(spec, args, variables, report)
     elif section == "maxbatch":
       report[section] = maxbatch_section(spec, args, variables, on_cpu)
     elif section == "pipeline":

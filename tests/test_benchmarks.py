@@ -139,7 +139,9 @@ def test_search_max_batch_doubles_then_bisects():
 
 
 def test_the_model_comes_from_the_config_with_cpu_defaults_without_a_size():
-  small = step_lib.StepSpec(model="cmmpnet", width=0.25, depths=(1, 1, 1, 1), size=128, batch=2)
+  # upsample_method: configs/default.py's 'auto', which is 'subpixel' on this CPU.
+  small = step_lib.StepSpec(model="cmmpnet", width=0.25, depths=(1, 1, 1, 1), size=128, batch=2,
+                            upsample_method="subpixel")
   assert _command_line()[0] == small  # this CPU, no --size: CPU_DEFAULTS
   # Overrides on the command line still apply; presets and other model fields come along.
   spec, _ = _command_line("--config=configs/bjroad.py:resunet,bf16", "--config.model.width=0.5",
@@ -149,7 +151,7 @@ def test_the_model_comes_from_the_config_with_cpu_defaults_without_a_size():
   assert spec.config().model.backbone == "resunet" and spec.config().batch_size == 4
   # With --size, the config's model as it is (here the full ResNet-34 widths and depths).
   assert _command_line("--size=256")[0] == step_lib.StepSpec(width=1.0, depths=(3, 4, 6, 3),
-                                                             size=256)
+                                                             size=256, upsample_method="subpixel")
   # The scaling subprocesses get a spec as flags: they parse back to the same spec.
   assert _command_line(*spec.flags())[0] == spec
 

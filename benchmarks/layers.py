@@ -1,0 +1,424 @@
+"""Per-layer benchmark: forward, input gradient, weight gradient and forward + backward of every
+layer kind of the full model, XLA's formulation beside the alternatives, in one process.
+
+    python -m benchmarks.layers [--cases=SUBSTR,...] [--variants=xla,fast,...] [--rounds=7]
+        [--batch=2 --size=256] [--issue] [--json=PATH] [--list]
+    python -m benchmarks.layers --step=subpixel,dilated [--rounds=6] [--json=PATH]
+
+The layers are those of the full CMMPNet (width 1.0, depths 3,4,6,3) on a batch x size x size
+input (default 2 x 256 x 256, float32): each distinct convolution (kernel, stride, dilation,
+channels, resolution) with the number of times it runs in one train step (both branches, the
+DEMs, the decoders and head), the transposed convolutions in their 'dilated' and 'subpixel'
+forms, BatchNorm in train mode and the stem's max pool; --issue adds the single layers of issue
+14's table.
+
+Variants (cmmp_jax.models.layers.conv_grad):
+  xla      lax.conv_general_dilated differentiated by JAX/XLA (what runs on GPU/TPU);
+  fast     the custom VJP with the routes `_auto_routes` picks per shape (the CPU default),
+           1 x 1 stride-1 forwards as matmuls;
+  fast/convfwd  the same with XLA's convolution forward for 1 x 1 kernels;
+  im2col   custom VJP, weight gradient = one (kh*kw*Cin, N) @ (N, Cout) matmul, XLA's dx;
+  taps     custom VJP, weight gradient = kh*kw matmuls (Cin, N) @ (N, Cout), XLA's dx;
+  col2im   custom VJP, XLA's weight gradient, dx = col2im(dy @ W^T);
+  im2col+col2im  both matmul routes.
+For transposed convolutions (layers.conv_transpose) the variant names are prefixed by the form
+('dilated/xla', 'subpixel/fast', ...; with the custom VJP both forms share one backward, XLA's dx
+of the dilated form and the chosen dW route); BatchNorm has 'flax' (nn.BatchNorm, XLA autodiff) only; the stem's max
+pool 'xla' (XLA's select-and-scatter backward) and 'fast' (layers.max_pool_3x3_s2's VJP).
+
+Columns: fwd = y = f(x, w); dx = the input gradient alone (jax.vjp in x; what remains after XLA
+removes the unused forward); dw = the weight gradient alone; f+b = forward and both gradients
+(only dW where the model needs no dx: the stems, whose input is the batch). Times are medians
+over --rounds rounds; in each round every function of every case runs in turn (after one
+untimed call), so load from other processes hits all variants alike: on a shared machine only
+ratios within one run mean something. 'per step' = count x f+b, summed for the model's total.
+
+--step times the full-size train step instead, after each change of the CPU backward in turn
+(STEP_STAGES: XLA; + the transposed-conv VJP; + the convolution routes; + 1 x 1 forwards as
+matmuls; + the max-pool VJP), and the train-mode forward and forward + backward (no optimizer:
+what the release's timing covers) before and after, all compiled in one process and timed
+interleaved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import statistics
+import time
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmmp_jax.models import layers
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+CONV_VARIANTS = {  # name -> conv_grad(impl, dw, dx, fwd)
+    "xla": ("xla", "auto", "auto", "auto"),
+    "fast": ("fast", "auto", "auto", "auto"),
+    "fast/convfwd": ("fast", "auto", "auto", "conv"),
+    "im2col": ("fast", "im2col", "xla", "conv"),
+    "taps": ("fast", "taps", "xla", "conv"),
+    "col2im": ("fast", "xla", "col2im", "conv"),
+    "im2col+col2im": ("fast", "im2col", "col2im", "conv"),
+}
+DEFAULT_VARIANTS = ("xla", "fast", "im2col", "taps", "col2im")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCase:
+  """One layer shape. kind 'conv': kernel k x k, stride, dilation, cin -> cout at h x h (input);
+  'deconv': ConvTranspose(k, stride, padding, output_padding) cin -> cout at h x h (input);
+  'bn': BatchNorm over cin channels at h x h; 'pool': the stem's 3x3/2 max pool. count: times
+  it runs per train step."""
+  name: str
+  kind: str
+  h: int
+  cin: int
+  cout: int = 0
+  k: int = 1
+  stride: int = 1
+  dilation: int = 1
+  padding: int = 1
+  output_padding: int = 1
+  count: int = 1
+  needs_dx: bool = True
+
+
+def model_cases(size: int = 256) -> list[LayerCase]:
+  """The layer shapes of the full CMMPNet (width 1, depths 3,4,6,3) at size x size, with their
+  counts per train step (image + aux branch)."""
+  s4, s8, s16, s32 = size // 4, size // 8, size // 16, size // 32
+  c = [
+      LayerCase("stem 7x7/2 3->64", "conv", size, 3, 64, k=7, stride=2, count=1, needs_dx=False),
+      LayerCase("stem 7x7/2 1->64", "conv", size, 1, 64, k=7, stride=2, count=1, needs_dx=False),
+      LayerCase(f"3x3 64->64 @{s4}", "conv", s4, 64, 64, k=3, count=12),
+      LayerCase(f"3x3/2 64->128 @{s4}", "conv", s4, 64, 128, k=3, stride=2, count=2),
+      LayerCase(f"3x3 128->128 @{s8}", "conv", s8, 128, 128, k=3, count=14),
+      LayerCase(f"3x3/2 128->256 @{s8}", "conv", s8, 128, 256, k=3, stride=2, count=2),
+      LayerCase(f"3x3 256->256 @{s16}", "conv", s16, 256, 256, k=3, count=22),
+      LayerCase(f"3x3/2 256->512 @{s16}", "conv", s16, 256, 512, k=3, stride=2, count=2),
+      LayerCase(f"3x3 512->512 @{s32}", "conv", s32, 512, 512, k=3, count=10 + 2),
+      LayerCase(f"3x3 d2 512 @{s32}", "conv", s32, 512, 512, k=3, dilation=2, count=2),
+      LayerCase(f"3x3 d4 512 @{s32}", "conv", s32, 512, 512, k=3, dilation=4, count=2),
+      LayerCase(f"3x3 d8 512 @{s32}", "conv", s32, 512, 512, k=3, dilation=8, count=2),
+      LayerCase(f"3x3 32->32 @{size} (head)", "conv", size, 32, 32, k=3, count=2),
+      LayerCase(f"3x3 64->1 @{size} (final)", "conv", size, 64, 1, k=3, count=1),
+      LayerCase(f"1x1/2 64->128 @{s4}", "conv", s4, 64, 128, stride=2, count=2),
+      LayerCase(f"1x1/2 128->256 @{s8}", "conv", s8, 128, 256, stride=2, count=2),
+      LayerCase(f"1x1/2 256->512 @{s16}", "conv", s16, 256, 512, stride=2, count=2),
+      # DEM: per side a c->c local conv and two 2c->c gates; decoders: 1x1 in and out.
+      LayerCase(f"1x1 64->64 @{s4}", "conv", s4, 64, 64, count=2 * 2),
+      LayerCase(f"1x1 128->64 @{s4}", "conv", s4, 128, 64, count=2 * 2 * 2),
+      LayerCase(f"1x1 64->64 @{size // 2}", "conv", size // 2, 64, 64, count=2),
+      LayerCase(f"1x1 128->64 @{size // 2}", "conv", size // 2, 128, 64, count=2 * 2),
+      LayerCase(f"1x1 128->128 @{s8}", "conv", s8, 128, 128, count=2 * 2),
+      LayerCase(f"1x1 256->128 @{s8}", "conv", s8, 256, 128, count=2 * 2 * 2),
+      LayerCase(f"1x1 256->256 @{s16}", "conv", s16, 256, 256, count=2 * 2),
+      LayerCase(f"1x1 512->256 @{s16}", "conv", s16, 512, 256, count=2 * 2 * 2),
+      LayerCase(f"1x1 512->512 @{s32}", "conv", s32, 512, 512, count=2),
+      LayerCase(f"1x1 1024->512 @{s32}", "conv", s32, 1024, 512, count=2 * 2),
+      LayerCase(f"1x1 512->128 @{s32}", "conv", s32, 512, 128, count=2),
+      LayerCase(f"1x1 128->256 @{s16}", "conv", s16, 128, 256, count=2),
+      LayerCase(f"1x1 256->64 @{s16}", "conv", s16, 256, 64, count=2),
+      LayerCase(f"1x1 64->128 @{s8}", "conv", s8, 64, 128, count=2),
+      LayerCase(f"1x1 128->32 @{s8}", "conv", s8, 128, 32, count=2),
+      LayerCase(f"1x1 32->64 @{s4}", "conv", s4, 32, 64, count=2),
+      LayerCase(f"1x1 64->16 @{s4}", "conv", s4, 64, 16, count=2),
+      LayerCase(f"1x1 16->64 @{size // 2}", "conv", size // 2, 16, 64, count=2),
+      LayerCase(f"deconv 3x3/2 128 @{s32}", "deconv", s32, 128, 128, k=3, stride=2, count=2),
+      LayerCase(f"deconv 3x3/2 64 @{s16}", "deconv", s16, 64, 64, k=3, stride=2, count=2),
+      LayerCase(f"deconv 3x3/2 32 @{s8}", "deconv", s8, 32, 32, k=3, stride=2, count=2),
+      LayerCase(f"deconv 3x3/2 16 @{s4}", "deconv", s4, 16, 16, k=3, stride=2, count=2),
+      LayerCase(f"deconv 4x4/2 64->32 @{size // 2} (head)", "deconv", size // 2, 64, 32, k=4,
+                stride=2, padding=1, output_padding=0, count=2),
+      LayerCase(f"bn 64 @{size // 2}", "bn", size // 2, 64, count=2 + 2 + 2),
+      LayerCase(f"bn 64 @{s4}", "bn", s4, 64, count=2 * 7 + 4 + 2),
+      LayerCase(f"bn 128 @{s8}", "bn", s8, 128, count=2 * 9 + 2 + 4),
+      LayerCase(f"bn 256 @{s16}", "bn", s16, 256, count=2 * 13 + 2 + 4),
+      LayerCase(f"bn 512 @{s32}", "bn", s32, 512, count=2 * 7 + 2),
+      LayerCase(f"maxpool 3x3/2 64 @{size // 2} (stem)", "pool", size // 2, 64, count=2),
+  ]
+  return c
+
+
+def issue_cases() -> list[LayerCase]:
+  """The single layers of issue 14's table (batch 2; not layers of the model at these sizes, so
+  count 0: they stay out of the per-step totals; 'deconv 3x3/2 128 @64' shows the dilated
+  form's backward at its worst)."""
+  return [
+      LayerCase("issue: 3x3 128->128 @64", "conv", 64, 128, 128, k=3, count=0),
+      LayerCase("issue: 3x3/2 128->256 @64", "conv", 64, 128, 256, k=3, stride=2, count=0),
+      LayerCase("issue: 1x1 128->128 @64", "conv", 64, 128, 128, count=0),
+      LayerCase("issue: deconv 3x3/2 128 @64", "deconv", 64, 128, 128, k=3, stride=2, count=0),
+  ]
+
+
+# ----------------------------------------------------------------------------- functions timed
+
+def _conv_fn(case: LayerCase) -> Callable:
+  pad = case.dilation * (case.k - 1) // 2
+  return lambda x, w: layers.conv_general_dilated(
+      x, w, (case.stride,) * 2, ((pad, pad), (pad, pad)), rhs_dilation=(case.dilation,) * 2,
+      dimension_numbers=NHWC)
+
+
+def _deconv_fn(case: LayerCase, form: str) -> Callable:
+  lo = case.k - 1 - case.padding
+  hi = case.k - 1 - case.padding + case.output_padding
+  return lambda x, w: layers.conv_transpose(x, w, case.stride, lo, hi, form)
+
+
+def _bn_fn() -> Callable:
+  bn = layers.BatchNorm(train=True)
+
+  def apply(x, w):
+    y, _ = bn.apply({"params": {"scale": w[0], "bias": w[1]},
+                     "batch_stats": {"mean": jnp.zeros_like(w[0]), "var": jnp.ones_like(w[0])}},
+                    x, mutable=["batch_stats"])
+    return y
+
+  return apply
+
+
+def _jitted(f: Callable, needs_dx: bool) -> dict[str, Callable]:
+  """fwd, dx, dw, f+b of f(x, w), jitted (traced now, under the caller's conv_grad)."""
+  def dx(x, w, dy):
+    return jax.vjp(lambda x_: f(x_, w), x)[1](dy)[0]
+
+  def dw(x, w, dy):
+    return jax.vjp(lambda w_: f(x, w_), w)[1](dy)[0]
+
+  def fb(x, w, dy):
+    if needs_dx:
+      y, vjp = jax.vjp(f, x, w)
+      return y, vjp(dy)
+    y, vjp = jax.vjp(lambda w_: f(x, w_), w)
+    return y, vjp(dy)
+
+  fns = {"fwd": jax.jit(f), "dx": jax.jit(dx), "dw": jax.jit(dw), "f+b": jax.jit(fb)}
+  return fns
+
+
+def build(case: LayerCase, variants: Sequence[str], batch: int, seed: int = 0):
+  """[(variant, {measure: (compiled fn, args)})] for one case."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((batch, case.h, case.h, case.cin)), jnp.float32)
+  out = []
+  if case.kind == "bn":
+    w = jnp.stack([jnp.ones((case.cin,)), jnp.zeros((case.cin,))])
+    names = [("flax", _bn_fn())]
+  elif case.kind == "pool":
+    w = jnp.ones((1,), jnp.float32)  # unused: the pool has no weights (dw is all zeros)
+    names = [(v, lambda x, w: layers.max_pool_3x3_s2(x) * w[0]) for v in variants
+             if v in ("xla", "fast")]
+  else:
+    w = jnp.asarray(rng.standard_normal((case.k, case.k, case.cin, case.cout))
+                    / math.sqrt(case.k * case.k * case.cin), jnp.float32)
+    if case.kind == "conv":
+      names = [(v, _conv_fn(case)) for v in variants]
+    else:
+      names = [(f"{form}/{v}", _deconv_fn(case, form)) for form in ("dilated", "subpixel")
+               for v in variants]
+  for name, f in names:
+    setting = CONV_VARIANTS.get(name.split("/", 1)[-1] if case.kind == "deconv" else name,
+                                ("xla", "auto", "auto", "auto"))
+    with layers.conv_grad(*setting):
+      y = jax.eval_shape(f, x, w)
+      dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+      fns = _jitted(f, case.needs_dx)
+      compiled = {}
+      for measure, fn in fns.items():
+        args = (x, w) if measure == "fwd" else (x, w, dy)
+        compiled[measure] = (fn.lower(*args).compile(), args)
+    out.append((name, compiled))
+  return out
+
+
+def _calibrate(fn, args, target_s: float) -> int:
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  once = time.perf_counter() - start
+  return max(1, min(50, int(target_s / max(once, 1e-6))))
+
+
+def measure(built: list, rounds: int, target_s: float = 0.02) -> dict:
+  """Interleaved timing: {case: {variant: {measure: median ms}}}."""
+  entries = []  # (case, variant, measure, fn, args, reps)
+  for case, variants in built:
+    for variant, compiled in variants:
+      for measure_name, (fn, args) in compiled.items():
+        entries.append((case, variant, measure_name, fn, args, _calibrate(fn, args, target_s)))
+  samples = {id(e): [] for e in entries}
+  for _ in range(rounds):
+    for e in entries:
+      _, _, _, fn, args, reps = e
+      start = time.perf_counter()
+      for _ in range(reps):
+        result = fn(*args)
+      jax.block_until_ready(result)
+      samples[id(e)].append((time.perf_counter() - start) / reps * 1e3)
+  out: dict = {}
+  for e in entries:
+    case, variant, measure_name = e[:3]
+    out.setdefault(case.name, {}).setdefault(variant, {})[measure_name] = statistics.median(
+        samples[id(e)])
+  return out
+
+
+def format_table(cases: Sequence[LayerCase], results: dict) -> str:
+  lines = ["| layer | n/step | variant | fwd ms | dx ms | dw ms | f+b ms | f+b vs xla | "
+           "per step ms |", "|---|---|---|---|---|---|---|---|---|"]
+  for case in cases:
+    rows = results.get(case.name, {})
+    for variant, m in rows.items():
+      base_name = variant.split("/", 1)[0] + "/xla" if case.kind == "deconv" else "xla"
+      base = rows.get(base_name, m)["f+b"]
+      dx = m["dx"] if case.needs_dx else float("nan")
+      lines.append(f"| {case.name} | {case.count} | {variant} | {m['fwd']:.2f} | {dx:.2f} | "
+                   f"{m['dw']:.2f} | {m['f+b']:.2f} | {base / m['f+b']:.2f}x | "
+                   f"{case.count * m['f+b']:.1f} |")
+  return "\n".join(lines)
+
+
+def totals(cases: Sequence[LayerCase], results: dict) -> dict[str, float]:
+  """Sum over cases of count x f+b per variant family ('xla', 'fast', ...; deconvs counted under
+  'dilated/...' and 'subpixel/...'); BatchNorm under 'flax'."""
+  out: dict[str, float] = {}
+  for case in cases:
+    for variant, m in results.get(case.name, {}).items():
+      out[variant] = out.get(variant, 0.0) + case.count * m["f+b"]
+  return out
+
+
+# ----------------------------------------------------------------------------- the full step
+
+# Cumulative stages of the CPU backward (layers.conv_grad settings), S0 = XLA's autodiff.
+STEP_STAGES = (
+    ("S0 xla", dict(impl="xla")),
+    ("S1 +conv_transpose VJP", dict(impl="fast", parts=("conv_transpose",), fwd="conv")),
+    ("S2 +conv routes", dict(impl="fast", parts=("conv_transpose", "conv"), fwd="conv")),
+    ("S3 +1x1 forward as dot", dict(impl="fast", parts=("conv_transpose", "conv"))),
+    ("S4 +max-pool VJP (all)", dict(impl="fast")),
+)
+
+
+def measure_step_stages(method: str, rounds: int, *, batch: int = 2, size: int = 256,
+                        width: float = 1.0, depths=(3, 4, 6, 3)) -> dict[str, list[float]]:
+  """Seconds per train step (benchmarks.train_step's step, not donated) of the model at each of
+  STEP_STAGES, and of the train-mode forward and the loss's forward + backward (no optimizer)
+  at the first and last stage ('fwd S0', 'fwd+bwd S0', ...), all compiled in this process and
+  timed interleaved: `rounds` rounds of 2 calls of each in turn. Returns {name: [seconds]}."""
+  from benchmarks import train_step as ts  # pylint: disable=import-outside-toplevel
+  from cmmp_jax import sharding  # pylint: disable=import-outside-toplevel
+  from cmmp_jax import steps as step_fns  # pylint: disable=import-outside-toplevel
+  mesh = ts.make_mesh()
+  spec = ts.StepSpec(width=width, depths=tuple(depths), size=size, batch=batch,
+                     upsample_method=method)
+  model, state = ts.make_state(spec, ts.initial_variables(spec), mesh)
+  data = sharding.to_global_batch(ts.synthetic_batch(batch, size), mesh)
+  loss_fn = step_fns.make_loss_fn(model, spec.config())
+
+  def forward(params, batch_stats, batch_):
+    return model.apply({"params": params, "batch_stats": batch_stats}, batch_["image"],
+                       batch_["aux"], train=True, mutable=["batch_stats"])
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  calls = {}
+  for i, (name, setting) in enumerate(STEP_STAGES):
+    with layers.conv_grad(**setting):
+      calls[name] = (ts.make_train_fn(model, spec.config(), mesh, donate=False).lower(
+          state, data).compile(), (state, data))
+      if i in (0, len(STEP_STAGES) - 1):
+        args = (state.params, state.batch_stats, data)
+        calls[f"fwd {name[:2]}"] = (jax.jit(forward).lower(*args).compile(), args)
+        calls[f"fwd+bwd {name[:2]}"] = (jax.jit(grad_fn).lower(*args).compile(), args)
+  for fn, args in calls.values():
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, (fn, args) in calls.items():
+      for _ in range(2):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[name].append(time.perf_counter() - start)
+  return times
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("cases", [], "Substrings of case names to run (default: all model cases).")
+  flags.DEFINE_list("variants", list(DEFAULT_VARIANTS), f"Of {', '.join(CONV_VARIANTS)}.")
+  flags.DEFINE_integer("rounds", 7, "Timing rounds (median reported).", lower_bound=1)
+  flags.DEFINE_integer("batch", 2, "Batch.", lower_bound=1)
+  flags.DEFINE_integer("size", 256, "Model input side (the layers' resolutions follow).")
+  flags.DEFINE_bool("issue", False, "Also the single layers of issue 14's table.")
+  flags.DEFINE_bool("list", False, "List the cases and exit.")
+  flags.DEFINE_list("step", [], "Instead of layers: time the full train step (width 1, depths "
+                    "3,4,6,3, --batch x --size) at each of STEP_STAGES for these "
+                    "upsample methods (dilated, subpixel), in this process.")
+  flags.DEFINE_string("json", None, "Write the results to this file.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  unknown = sorted(set(FLAGS.variants) - set(CONV_VARIANTS))
+  if unknown:
+    raise app.UsageError(f"--variants: unknown {unknown}; choose from {', '.join(CONV_VARIANTS)}")
+  if FLAGS.step:
+    report = {}
+    for method in FLAGS.step:
+      times = measure_step_stages(method, FLAGS.rounds, batch=FLAGS.batch, size=FLAGS.size)
+      report[method] = times
+      previous = None
+      for name, seconds in times.items():
+        median = statistics.median(seconds)
+        change = ""
+        if name.startswith("S"):
+          change = "" if previous is None else f"  ({1e3 * (median - previous):+.0f} ms)"
+          previous = median
+        print(f"{method:9s} {name:26s} median {median:.3f} s  min {min(seconds):.3f} s{change}",
+              flush=True)
+    if FLAGS.json:
+      pathlib.Path(FLAGS.json).write_text(json.dumps(report, indent=2))
+    return
+  cases = model_cases(FLAGS.size) + (issue_cases() if FLAGS.issue else [])
+  if FLAGS.cases:
+    cases = [c for c in cases if any(s in c.name for s in FLAGS.cases)]
+  if FLAGS.list:
+    for c in cases:
+      print(c)
+    return
+  start = time.perf_counter()
+  built = [(c, build(c, FLAGS.variants, FLAGS.batch)) for c in cases]
+  compile_s = time.perf_counter() - start
+  results = measure(built, FLAGS.rounds)
+  print(format_table(cases, results))
+  total = totals(cases, results)
+  print("\nper-step totals (sum of count x f+b, ms): " + ", ".join(
+      f"{k} {v:.0f}" for k, v in sorted(total.items())))
+  print(f"(compiled in {compile_s:.0f} s; {FLAGS.rounds} rounds; XLA_FLAGS="
+        f"{os.environ.get('XLA_FLAGS', '')!r})")
+  if FLAGS.json:
+    report = {"environment": {"jax": jax.__version__, "backend": jax.default_backend(),
+                              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                              "host_cpus": os.cpu_count()},
+              "batch": FLAGS.batch, "size": FLAGS.size, "rounds": FLAGS.rounds,
+              "cases": [dataclasses.asdict(c) for c in cases], "results_ms": results,
+              "per_step_totals_ms": total}
+    pathlib.Path(FLAGS.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
