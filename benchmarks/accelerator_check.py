@@ -80,6 +80,11 @@ flags.DEFINE_integer("compile_threads", 1, "Programs of a group compiled at once
                      "finish in 6.5 minutes (benchmarks/NOTES.md G1).", lower_bound=1)
 flags.DEFINE_string("cache_dir", None, "JAX's persistent compilation cache (default "
                     "OUT/jax_cache): a second run on the same machine skips compilation.")
+flags.DEFINE_integer("gpu_autotune_level", None, "XLA:GPU autotuning level (0-4, added to "
+                     "XLA_FLAGS as --xla_gpu_autotune_level before JAX starts; default: XLA's "
+                     "own). On an H200 one full-size 1024 px train step had not compiled after "
+                     "180 s with XLA's default (NOTES.md G1); lower levels trade kernel choice "
+                     "for compile time. Not yet measured.", lower_bound=0, upper_bound=4)
 flags.DEFINE_bool("release", True, "Time the PyTorch release when it imports.")
 flags.DEFINE_bool("pipeline", True, "Time the input pipeline (CPU subprocess).")
 FLAGS = flags.FLAGS
@@ -471,6 +476,9 @@ def main(argv: Sequence[str]) -> None:
   # JAX takes 75 % of a GPU's memory by default; the max-batch search wants nearly all of it.
   # Set before JAX starts its backend, i.e. before anything below asks for devices.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  if FLAGS.gpu_autotune_level is not None:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_gpu_autotune_level={FLAGS.gpu_autotune_level}").strip()
   scratch = pathlib.Path(tempfile.mkdtemp(prefix="cmmp_accel_"))
   biggest = max(plan["sizes"])
   pipeline = start_pipeline(plan["pipeline"], plan["batch"][biggest], scratch) \
@@ -493,7 +501,8 @@ def main(argv: Sequence[str]) -> None:
   meta = {**environment, "model": {**plan["model"], "depths": list(plan["model"]["depths"])},
           "sizes": list(plan["sizes"]), "batch": {str(k): v for k, v in plan["batch"].items()},
           "steps": plan["steps"], "warmup": plan["warmup"], "smoke": FLAGS.smoke,
-          "budget_s": FLAGS.budget_s, "peak": dataclasses.asdict(peak) if peak else None,
+          "budget_s": FLAGS.budget_s, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "peak": dataclasses.asdict(peak) if peak else None,
           "goals": GOALS,
           "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   report = Report(out, meta)

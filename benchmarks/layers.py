@@ -21,6 +21,9 @@ Variants (cmmp_jax.models.layers.conv_grad):
   taps     custom VJP, weight gradient = kh*kw matmuls (Cin, N) @ (N, Cout), XLA's dx;
   col2im   custom VJP, XLA's weight gradient, dx = col2im(dy @ W^T);
   im2col+col2im  both matmul routes.
+  torch    the same layer in PyTorch (NCHW, autograd; what the release runs), timed in this
+           process interleaved with the others; needs torch importable (e.g.
+           PYTHONPATH=/path/to/torch-site), skipped with a message otherwise.
 For transposed convolutions (layers.conv_transpose) the variant names are prefixed by the form
 ('dilated/xla', 'subpixel/fast', ...; with the custom VJP both forms share one backward, XLA's dx
 of the dilated form and the chosen dW route); BatchNorm has 'flax' (nn.BatchNorm, XLA autodiff) only; the stem's max
@@ -69,6 +72,7 @@ CONV_VARIANTS = {  # name -> conv_grad(impl, dw, dx, fwd)
     "col2im": ("fast", "xla", "col2im", "conv"),
     "im2col+col2im": ("fast", "im2col", "col2im", "conv"),
 }
+TORCH = "torch"  # a variant outside CONV_VARIANTS: the PyTorch layer (see _torch_fns)
 DEFAULT_VARIANTS = ("xla", "fast", "im2col", "taps", "col2im")
 
 
@@ -207,6 +211,50 @@ def _jitted(f: Callable, needs_dx: bool) -> dict[str, Callable]:
   return fns
 
 
+def _torch_fns(case: LayerCase, x: np.ndarray, w: np.ndarray, dy: np.ndarray,
+               needs_dx: bool) -> dict:
+  """fwd, dx, dw, f+b of the PyTorch layer (NCHW; weights OIHW, or IOHW for the transposed
+  convolution) on the same values as the JAX variants, as {measure: (fn, ())}: PyTorch on the
+  CPU is synchronous, so each fn returns when the work is done. Autograd computes only the
+  gradients asked for, like the JAX dx / dw functions."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  xt = torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+  dyt = torch.from_numpy(np.ascontiguousarray(np.asarray(dy).transpose(0, 3, 1, 2)))
+  wn = np.asarray(w)
+  if case.kind == "conv":
+    wt = torch.from_numpy(np.ascontiguousarray(wn.transpose(3, 2, 0, 1)))
+    pad = case.dilation * (case.k - 1) // 2
+    layer = lambda x_, w_: F.conv2d(x_, w_, stride=case.stride, padding=pad,  # noqa: E731
+                                    dilation=case.dilation)
+  elif case.kind == "deconv":
+    # Our HWIO kernel of the equivalent forward convolution is the flipped IOHW kernel.
+    wt = torch.from_numpy(np.ascontiguousarray(wn[::-1, ::-1].transpose(2, 3, 0, 1)))
+    layer = lambda x_, w_: F.conv_transpose2d(  # noqa: E731
+        x_, w_, stride=case.stride, padding=case.padding, output_padding=case.output_padding)
+  elif case.kind == "bn":
+    wt = torch.from_numpy(wn)
+    layer = lambda x_, w_: F.batch_norm(  # noqa: E731
+        x_, torch.zeros(case.cin), torch.ones(case.cin), w_[0], w_[1], training=True,
+        momentum=0.1, eps=1e-5)
+  else:
+    wt = torch.from_numpy(wn)
+    layer = lambda x_, w_: F.max_pool2d(x_, 3, 2, 1) * w_[0]  # noqa: E731
+
+  def fwd():
+    with torch.no_grad():
+      layer(xt, wt)
+
+  def grad(wrt_x: bool, wrt_w: bool):
+    x_ = xt.detach().requires_grad_(wrt_x)
+    w_ = wt.detach().requires_grad_(wrt_w)
+    y = layer(x_, w_)
+    torch.autograd.grad(y, [t for t, on in ((x_, wrt_x), (w_, wrt_w)) if on], dyt)
+
+  return {"fwd": (fwd, ()), "dx": (lambda: grad(True, False), ()),
+          "dw": (lambda: grad(False, True), ()), "f+b": (lambda: grad(needs_dx, True), ())}
+
+
 def build(case: LayerCase, variants: Sequence[str], batch: int, seed: int = 0):
   """[(variant, {measure: (compiled fn, args)})] for one case."""
   rng = np.random.default_rng(seed)
@@ -227,6 +275,8 @@ def build(case: LayerCase, variants: Sequence[str], batch: int, seed: int = 0):
     else:
       names = [(f"{form}/{v}", _deconv_fn(case, form)) for form in ("dilated", "subpixel")
                for v in variants]
+  use_torch = TORCH in variants
+  names = [(n, f) for n, f in names if n.rsplit("/", 1)[-1] != TORCH]
   for name, f in names:
     setting = CONV_VARIANTS.get(name.split("/", 1)[-1] if case.kind == "deconv" else name,
                                 ("xla", "auto", "auto", "auto"))
@@ -239,6 +289,11 @@ def build(case: LayerCase, variants: Sequence[str], batch: int, seed: int = 0):
         args = (x, w) if measure == "fwd" else (x, w, dy)
         compiled[measure] = (fn.lower(*args).compile(), args)
     out.append((name, compiled))
+  if use_torch:
+    y = jax.eval_shape(names[0][1], x, w)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    x, w = np.array(x), np.array(w)  # writable copies: torch.from_numpy warns on read-only
+    out.append((TORCH, _torch_fns(case, x, w, dy, case.needs_dx)))
   return out
 
 
@@ -275,17 +330,25 @@ def measure(built: list, rounds: int, target_s: float = 0.02) -> dict:
 
 
 def format_table(cases: Sequence[LayerCase], results: dict) -> str:
+  with_torch = any(TORCH in results.get(c.name, {}) for c in cases)
   lines = ["| layer | n/step | variant | fwd ms | dx ms | dw ms | f+b ms | f+b vs xla | "
-           "per step ms |", "|---|---|---|---|---|---|---|---|---|"]
+           "per step ms |" + (" torch f+b / this |" if with_torch else ""),
+           "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_torch else "")]
   for case in cases:
     rows = results.get(case.name, {})
     for variant, m in rows.items():
-      base_name = variant.split("/", 1)[0] + "/xla" if case.kind == "deconv" else "xla"
+      if variant == TORCH:
+        base_name = TORCH
+      else:
+        base_name = variant.split("/", 1)[0] + "/xla" if case.kind == "deconv" else "xla"
       base = rows.get(base_name, m)["f+b"]
       dx = m["dx"] if case.needs_dx else float("nan")
-      lines.append(f"| {case.name} | {case.count} | {variant} | {m['fwd']:.2f} | {dx:.2f} | "
-                   f"{m['dw']:.2f} | {m['f+b']:.2f} | {base / m['f+b']:.2f}x | "
-                   f"{case.count * m['f+b']:.1f} |")
+      line = (f"| {case.name} | {case.count} | {variant} | {m['fwd']:.2f} | {dx:.2f} | "
+              f"{m['dw']:.2f} | {m['f+b']:.2f} | {base / m['f+b']:.2f}x | "
+              f"{case.count * m['f+b']:.1f} |")
+      if with_torch:
+        line += f" {rows[TORCH]['f+b'] / m['f+b']:.2f} |" if TORCH in rows else " |"
+      lines.append(line)
   return "\n".join(lines)
 
 
@@ -375,7 +438,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  unknown = sorted(set(FLAGS.variants) - set(CONV_VARIANTS))
+  unknown = sorted(set(FLAGS.variants) - set(CONV_VARIANTS) - {TORCH})
   if unknown:
     raise app.UsageError(f"--variants: unknown {unknown}; choose from {', '.join(CONV_VARIANTS)}")
   if FLAGS.step:
@@ -402,6 +465,15 @@ def main(argv: Sequence[str]) -> None:
     for c in cases:
       print(c)
     return
+  if TORCH in FLAGS.variants:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      print("torch is not importable: the 'torch' variant is skipped (install PyTorch, or put "
+            "it on PYTHONPATH, to time the release's layers beside ours)")
+      FLAGS.variants = [v for v in FLAGS.variants if v != TORCH]
+    else:
+      print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
   start = time.perf_counter()
   built = [(c, build(c, FLAGS.variants, FLAGS.batch)) for c in cases]
   compile_s = time.perf_counter() - start

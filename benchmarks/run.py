@@ -3,7 +3,7 @@
   python -m benchmarks.run [--config=configs/default.py[:presets] --config.model.dtype=bfloat16
       --config.model.width=1.0 --config.model.depths='(3,4,6,3)' --config.model.remat=True
       --size=1024 --batch=2 --steps=20 --json=PATH
-      --sections=train,eval,release,maxbatch,pipeline,render,scaling]
+      --sections=train,eval,release,fullsize,maxbatch,pipeline,render,scaling]
 
 Prints one table and writes a JSON report ('meta': device kind and count, platform, JAX and Flax
 versions, model, sizes, dtype, device peak; then one entry per section). The JSON is rewritten
@@ -27,6 +27,11 @@ Sections:
             (train_step.measure_forward / measure_forward_backward, and the train section's step
             when it ran), and the ratios cmmp-jax / release. CPU, or CUDA when JAX runs on a
             GPU and torch sees one.
+  fullsize  on a CPU, when the sections above ran the small CPU model: the config's own model
+            (width, depths, upsample method; float32) at batch 2 x 256 x 256 (--fullsize_batch,
+            --fullsize_size), the train section and the release section again at that size, so
+            that the suite always shows the model users run beside the small stand-in. Skipped
+            (one line) when the main model already is the config's model.
   maxbatch  the largest global batch whose train step fits, without and with remat (doubling
             from --batch, then bisecting; out-of-memory errors caught; on CPU bounded by
             --maxbatch_cap and a compiled-memory budget, since host OOM cannot be caught).
@@ -63,7 +68,7 @@ from benchmarks import render
 from benchmarks import train_step as step_lib
 from cmmp_jax import config_checks
 
-SECTIONS = ("train", "eval", "release", "maxbatch", "pipeline", "render", "scaling")
+SECTIONS = ("train", "eval", "release", "fullsize", "maxbatch", "pipeline", "render", "scaling")
 RELEASE_SKIPPED = "PyTorch not importable; pip install torch to compare"
 REPO_ROOT = step_lib.REPO_ROOT
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -99,6 +104,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
          "Simulated CPU device counts.")
   define(flags.DEFINE_integer, "scaling_batch", 8, "Fixed global batch.", lower_bound=1)
   define(flags.DEFINE_float, "scaling_timeout_s", 900.0, "Limit per scaling subprocess.")
+  define(flags.DEFINE_integer, "fullsize_size", 256, "fullsize section: input side.",
+         lower_bound=32)
+  define(flags.DEFINE_integer, "fullsize_batch", 2, "fullsize section: global batch.",
+         lower_bound=1)
 
 
 def _counts(values: Sequence[int], flag: str, least: int) -> list[int]:
@@ -116,6 +125,13 @@ def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
           "json", "no_donate", "maxbatch_cap", "maxbatch_budget_mb", "pipeline_size",
           "pipeline_examples", "pipeline_batch", "render_points", "render_tiles", "render_size",
           "scaling_batch", "scaling_timeout_s", "steps", "warmup")})
+  options.full_spec = None
+  if "fullsize" in step_lib.parse_sections(flag_values.sections, SECTIONS):
+    # The config's model as configured (no CPU stand-in), at the fullsize size and batch.
+    options.full_spec = step_lib.spec_from_config(
+        flag_values.config, flag_values.fullsize_size, flag_values.fullsize_batch,
+        cpu_defaults=False, overridden=step_lib.config_flags.get_override_values(
+            flag_values["config"])).replace(dtype="float32")
   options.sections = step_lib.parse_sections(flag_values.sections, SECTIONS)
   options.pipeline_workers = _counts(flag_values.pipeline_workers, "pipeline_workers", 0)
   options.scaling_devices = _counts(flag_values.scaling_devices, "scaling_devices", 1)
@@ -175,6 +191,24 @@ def pipeline_section(spec, args) -> dict[str, Any]:
       raise step_lib.BenchmarkError(
           f"pipeline benchmark failed (exit {done.returncode}): {' '.join(cmd)}\n{tail}")
     return json.loads(out.read_text())
+
+
+def fullsize_section(spec, args, peak) -> dict[str, Any]:
+  """The config's model at args.full_spec's size on a CPU: the train step and the release
+  comparison (see the module docstring); {'skipped': why} when the main spec already is it."""
+  full = args.full_spec
+  if full is None or spec.replace(size=full.size, batch=full.batch, dtype=full.dtype) == full:
+    return {"skipped": "the main sections already measured the config's model"}
+  print(f"[fullsize] {full.model} width {full.width} depths {tuple(full.depths)}, "
+        f"{full.batch} x {full.size} x {full.size}, {full.dtype}, {full.upsample_method}",
+        flush=True)
+  variables = step_lib.initial_variables(full)
+  out: dict[str, Any] = {"spec": full.to_dict()}
+  out["train"] = step_lib.measure_train(full, steps=args.steps, warmup=args.warmup,
+                                        variables=variables, donate=not args.no_donate,
+                                        peak=peak)
+  out["release"] = release_section(full, args, variables, out)
+  return out
 
 
 def release_mismatch(spec) -> str | None:
@@ -388,6 +422,8 @@ def format_report(report: dict[str, Any]) -> str:
                    "loss or gradient (state kept; timing unaffected)")
   if "release" in report:
     lines.extend(format_release(report["release"]))
+  if "fullsize" in report:
+    lines.extend(format_fullsize(report["fullsize"]))
   if "maxbatch" in report:
     parts = []
     for key, label in (("no_remat", "remat off"), ("remat", "remat on")):
@@ -435,6 +471,18 @@ def format_release(release: dict[str, Any]) -> list[str]:
   return lines
 
 
+def format_fullsize(fullsize: dict[str, Any]) -> list[str]:
+  """The fullsize section's lines: one skip line, or its train step and release table."""
+  if fullsize.get("skipped"):
+    return [f"fullsize: skipped ({fullsize['skipped']})"]
+  spec, train = fullsize["spec"], fullsize["train"]
+  return [f"fullsize: {spec['model']} width {spec['width']} depths {tuple(spec['depths'])}, "
+          f"{spec['batch']} x {spec['size']} px, {spec['dtype']}, {spec['upsample_method']}: "
+          f"train {train['images_per_s']:.2f} images/s, {train['ms_per_step']:.0f} ms/step, "
+          f"{train['flops_per_image'] / 1e9:.1f} GFLOP/image, MFU "
+          f"{_fmt(train['mfu'], 0.01, 1, '%')}"] + format_release(fullsize["release"])
+
+
 def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
   """Writes the report atomically (a temporary file renamed over the target)."""
   path = pathlib.Path(path)
@@ -477,6 +525,8 @@ def run(spec: step_lib.StepSpec, args: types.SimpleNamespace) -> dict[str, Any]:
                                               variables=variables, peak=peak)
     elif section == "release":
       report[section] = release_section(spec, args, variables, report)
+    elif section == "fullsize":
+      report[section] = fullsize_section(spec, args, peak)
     elif section == "maxbatch":
       report[section] = maxbatch_section(spec, args, variables, on_cpu)
     elif section == "pipeline":

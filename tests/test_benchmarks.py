@@ -156,6 +156,24 @@ def test_the_model_comes_from_the_config_with_cpu_defaults_without_a_size():
   assert _command_line(*spec.flags())[0] == spec
 
 
+def test_fullsize_section_measures_the_configs_model_beside_the_cpu_stand_in():
+  # On this CPU without --size the main sections run the small stand-in; the fullsize section
+  # the config's own model (width, depths, overrides) at 2 x 256 x 256 in float32.
+  spec, options = _command_line("--config=configs/default.py:bf16", "--config.model.width=0.5")
+  assert spec.width == 0.5 and spec.depths == (1, 1, 1, 1) and spec.size == 128
+  assert options.full_spec == step_lib.StepSpec(width=0.5, depths=(3, 4, 6, 3), size=256,
+                                                batch=2, upsample_method="subpixel")
+  _, options = _command_line("--fullsize_size=512", "--fullsize_batch=4")
+  assert (options.full_spec.size, options.full_spec.batch, options.full_spec.width) == (
+      512, 4, 1.0)
+  # Already the config's model at that size: nothing to add (no compile, one skip line).
+  spec, options = _command_line("--size=256", "--batch=2")
+  section = run_lib.fullsize_section(spec, options, peak=None)
+  assert "already measured" in section["skipped"]
+  assert run_lib.format_fullsize(section) == [f"fullsize: skipped ({section['skipped']})"]
+  assert _command_line("--sections=train")[1].full_spec is None
+
+
 def test_scaling_environment_replaces_only_the_device_count():
   env = run_lib.simulated_cpu_env(4, {"XLA_FLAGS": "--xla_cpu_foo=1 "
                                       "--xla_force_host_platform_device_count=2", "HOME": "/h"})
