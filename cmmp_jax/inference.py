@@ -65,7 +65,9 @@ def blend_weights_1d(window: int, overlap: int) -> np.ndarray:
   return weights
 
 
-def _check_inputs(image, aux, window, overlap, batch_size, pad_mode):
+def check_settings(window, overlap, batch_size, pad_mode="reflect") -> None:
+  """Raises InferenceInputError for window settings predict_large refuses (also used by
+  cmmp_jax.stream, which cuts the same windows from a raster it never loads)."""
   for name, value in (("window", window), ("overlap", overlap), ("batch_size", batch_size)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
       raise InferenceInputError(f"{name} must be an integer; got {value!r}")
@@ -77,6 +79,10 @@ def _check_inputs(image, aux, window, overlap, batch_size, pad_mode):
     raise InferenceInputError(f"batch_size must be >= 1; got {batch_size}")
   if pad_mode not in PAD_MODES:
     raise InferenceInputError(f"pad_mode must be one of {PAD_MODES}; got {pad_mode!r}")
+
+
+def _check_inputs(image, aux, window, overlap, batch_size, pad_mode):
+  check_settings(window, overlap, batch_size, pad_mode)
   if image.ndim != 3 or image.shape[2] != 3:
     raise InferenceInputError(f"image must be (H, W, 3); got shape {image.shape}")
   if aux.ndim != 3 or aux.shape[2] < 1:

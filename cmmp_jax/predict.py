@@ -11,12 +11,25 @@ writes, per input `{stem}.{ext}`:
 
 The GeoTIFFs carry the input's CRS and affine transform. Every file is written atomically
 (temporary file in the output folder, then os.replace), so a failure never leaves a half-written
-file nor touches the outputs of other inputs.
+file nor touches the outputs of other inputs; files get the usual permissions (0666 less the
+umask), not the temporary file's 0600.
+
+Input preparation (cmmp_jax.data.preparation): images and GPS become uint8 model inputs by the
+same functions and settings the dataset builders used. `--mode=predict` applies the record of
+config.data's dataset (its metadata.json) unless config.predict.preparation names another JSON
+file; the record fixes the bands, the bit depth or percentile stretch, how GPS CSVs are read and
+in which CRS, and the tile grid on which heat-maps are normalised (each tile_size tile by its own
+maximum, from the image's top-left pixel), so a raster the dataset was built from gives inputs
+bit-identical to the dataset's tiles.
+
+Scale: a model trained on tile_size tiles resized to data.input_size sees every input resized by
+input_size / tile_size (cv2 bilinear, as training), and its probabilities are resized back to
+the input's grid.
 
 Inputs (one folder, not recursive; extensions case-insensitive):
-  Images: .png .jpg .jpeg .tif .tiff, read as the dataset builders read them
-    (cmmp_jax.data.reading: its band rule gives RGB, its 'bit_depth' rule gives uint8; a TIFF
-    with a CRS is georeferenced). Files whose stem ends with the aux suffixes ('{aux_suffix}',
+  Images: .png .jpg .jpeg .tif .tiff, prepared as the dataset's images were
+    (preparation.prepare_image: bands, then the 'bit_depth' rule or the recorded percentile
+    stretch; a TIFF with a CRS is georeferenced). Files whose stem ends with the aux suffixes ('{aux_suffix}',
     '_aux'), '_mask', '_prob' or '_road' are not inputs (auxiliary rasters, labels, and this
     module's own outputs when output_dir == input_dir).
 
@@ -29,15 +42,14 @@ Auxiliary raster of an image, first match wins:
      rgb/{id}.png with depth_lpu/{id}.png. Two matching files are an error (ambiguous).
      It becomes uint8 (H, W, aux_channels) by reading.to_channels_uint8 (for aux_channels == 1
      a colour file becomes luma and a gray + alpha file drops alpha, as in the builders).
-  2. With gps_csv: a trajectory heat-map rendered on the fly (heatmap.render_heatmap, then
-     heatmap_to_uint8, as the builders store it) from every GPS point of the CSV file(s)
-     (reading.read_gps_csv: WGS84 lon/lat; Porto/Kaggle POLYLINE format, or any CSV with lon/lat
-     columns named lon, longitude, lng or x / lat, latitude or y, case-insensitive). Points are
-     projected with the image's georeference: a GeoTIFF's CRS and transform
-     (geo.lonlat_to_raster_pixel, any CRS), else a bounds sidecar `{stem}.bounds.json` (or
-     `{base}.bounds.json`) holding lon/lat degrees as {"west": .., "south": .., "east": ..,
-     "north": ..} or [west, south, east, north] (heatmap.lonlat_to_pixel, north-up). Points
-     outside the image are dropped and counted.
+  2. With gps_csv: a trajectory heat-map rendered on the fly from every GPS point of the CSV
+     file(s), as the builders render it (preparation.read_gps with the record's gps_format,
+     columns and gps_crs; preparation.render_gps_aux on the record's tile grid). Points are
+     projected with the image's georeference: a GeoTIFF's CRS and transform (any CRS), else a
+     bounds sidecar `{stem}.bounds.json` (or `{base}.bounds.json`) holding lon/lat degrees as
+     {"west": .., "south": .., "east": .., "north": ..} or [west, south, east, north]
+     (heatmap.lonlat_to_pixel, north-up, the formula of builders that render tiles from their
+     bounds). Points outside the image are dropped and counted.
   3. With blank_aux=True: all zeros (image-only prediction), stated in the log.
   Otherwise the image fails with an error naming it and the file names tried.
 
@@ -49,8 +61,18 @@ Model inputs: image and aux are scaled by pipeline.scale_inputs (`scaling`, as i
 window by window inside the forward wrapper, so a mosaic is held as uint8 plus predict_large's
 float32 copy, not as a further full-size float32 copy. Peak host memory for an H x W mosaic
 with C aux channels is about (3 + C) * 5 + 16 bytes per pixel (uint8 inputs, predict_large's
-float32 copies and float64 blending sums): ~3.6 GB for 10,000 x 10,000 px with C = 1; split
-larger mosaics.
+float32 copies and float64 blending sums): ~3.6 GB for 10,000 x 10,000 px with C = 1.
+
+Streaming (cmmp_jax.stream; stream_mode, config.predict.stream): a georeferenced TIFF larger
+than block_size on a side ('auto'), or every input ('on'), is read by rasterio windows and
+predicted block by block on the tile grid of the heat-map normalisation, with the same windows
+and blending as in memory (bit-identical outputs), and written as tiled, compressed GeoTIFFs
+(BigTIFF when needed, COG with cog=True; no PNGs), so host memory depends on block, window and
+batch size only. A killed run resumes from its finished blocks ({stem}.stream/ beside the
+outputs). Several processes share one streamed raster in bands of block rows; process 0 writes
+the GeoTIFFs once all bands are done. The road graph of a streamed raster is built from the
+probability GeoTIFF read back block by block (cmmp_jax.stream_graph). Streaming predicts at
+scale 1 only (a model trained at another scale is predicted in memory under 'auto').
 """
 from __future__ import annotations
 
@@ -67,14 +89,20 @@ from typing import Any, Callable, Sequence
 import cv2
 import jax
 import numpy as np
+import rasterio
+import rasterio.errors
+import rasterio.warp
 from PIL import Image
 
-from cmmp_jax import evaluate, inference, reporting, sharding, steps
+from cmmp_jax import evaluate, inference, reporting, sharding, steps, stream, stream_graph
+from cmmp_jax import graphs as graphs_lib
 from cmmp_jax.data import sources
 from cmmp_jax.data import geo as geo_lib
 from cmmp_jax.data import heatmap as heatmap_lib
 from cmmp_jax.data import pipeline
+from cmmp_jax.data import preparation as preparation_lib
 from cmmp_jax.data import reading
+from data_builders import build as build_lib
 
 Forward = inference.Forward
 
@@ -85,6 +113,7 @@ GENERIC_AUX_SUFFIX = '_aux'
 NON_INPUT_STEM_SUFFIXES = ('_mask', '_prob', '_road')
 BOUNDS_SIDECAR_SUFFIX = '.bounds.json'
 ON_ERROR_CHOICES = ('raise', 'skip')
+STREAM_CHOICES = ('auto', 'on', 'off')
 
 
 class PredictInputError(ValueError):
@@ -238,31 +267,43 @@ def read_bounds_sidecar(path) -> tuple[float, float, float, float]:
 # GPS heat-maps.
 
 
-def render_gps_aux(lon: np.ndarray, lat: np.ndarray, height: int, width: int, *,
-                   geo: geo_lib.GeoInfo | None = None,
+def render_gps_aux(x: np.ndarray, y: np.ndarray, height: int, width: int,
+                   geo: geo_lib.GeoInfo, preparation: preparation_lib.InputPreparation, *,
                    bounds: Sequence[float] | None = None
                    ) -> tuple[np.ndarray, heatmap_lib.RenderStats]:
-  """Renders GPS points into an image's uint8 heat-map.
+  """Renders GPS points into an image's uint8 heat-map, as the builders do.
 
   Args:
-    lon, lat: float64 (N,) WGS84 degrees.
+    x, y: float64 (N,) coordinates in preparation.gps_crs.
     height, width: image size.
-    geo: the image's georeference (any CRS; projection by geo.lonlat_to_raster_pixel), or
-    bounds: lon/lat (west, south, east, north) of a north-up image (heatmap.lonlat_to_pixel).
-      Exactly one of geo and bounds.
+    geo: the image's georeference (any CRS; a bounds sidecar's is EPSG:4326).
+    preparation: gps_crs and the tile grid of the normalisation.
+    bounds: a bounds sidecar's lon/lat (west, south, east, north): points are then placed by
+      heatmap.lonlat_to_pixel, the formula of the builders that render tiles from their bounds
+      (bjroad), so that a tile comes out as theirs bit for bit.
 
   Returns:
-    (aux, stats): aux uint8 (H, W, 1) = heatmap_to_uint8(render_heatmap(...)); stats counts the
-    points rendered, outside the image and non-finite.
+    (aux, stats): aux uint8 (H, W, 1), the image's part of preparation.render_gps_aux; stats
+    counts the points on the image (n_rendered), off it and non-finite. (Points past the image's
+    edge but on its last tiles still count for those tiles' maxima, as in the builders.)
   """
-  if (geo is None) == (bounds is None):
-    raise ValueError('render_gps_aux needs exactly one of geo and bounds')
-  if geo is not None:
-    cols, rows = geo_lib.lonlat_to_raster_pixel(lon, lat, geo)
-  else:
+  if bounds is not None:
+    lon, lat = x, y
+    if preparation_lib.gps_crs(preparation) != geo_lib.LONLAT_CRS:
+      lon, lat = (np.asarray(v) for v in rasterio.warp.transform(
+          preparation_lib.gps_crs(preparation), geo_lib.LONLAT_CRS, x, y))
     cols, rows = heatmap_lib.lonlat_to_pixel(lon, lat, bounds, height, width)
-  heatmap, stats = heatmap_lib.render_heatmap(cols, rows, height, width, return_stats=True)
-  return heatmap_lib.heatmap_to_uint8(heatmap)[..., None], stats
+  else:
+    cols, rows = preparation_lib.gps_to_raster_pixels(x, y, preparation.gps_crs, geo)
+  aux, _ = preparation_lib.render_gps_aux(cols, rows, height, width, preparation)
+  finite = np.isfinite(cols) & np.isfinite(rows)
+  on_image = int(np.count_nonzero(finite & (cols >= 0) & (cols < width) & (rows >= 0)
+                                  & (rows < height)))
+  n_nonfinite = int(np.count_nonzero(~finite))
+  stats = heatmap_lib.RenderStats(n_total=int(cols.size), n_rendered=on_image,
+                                  n_outside=int(cols.size) - on_image - n_nonfinite,
+                                  n_nonfinite=n_nonfinite)
+  return np.ascontiguousarray(aux[:height, :width]), stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,9 +324,23 @@ def _scaled_forward(forward: Forward, scaling: str) -> Forward:
   return scaled
 
 
+def resize_uint8(array: np.ndarray, height: int, width: int) -> np.ndarray:
+  """uint8 (H, W, C) -> (height, width, C), cv2 bilinear: the training pipeline's resize."""
+  if array.shape[:2] == (height, width):
+    return array
+  resized = cv2.resize(array, (width, height), interpolation=cv2.INTER_LINEAR)
+  return resized.reshape(height, width, array.shape[2])
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+  """(round(H * scale), round(W * scale)), at least 1: the grid the model sees."""
+  return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
 def predict_arrays(forward: Forward, image_uint8: np.ndarray, aux_uint8: np.ndarray, *,
                    window: int, overlap: int, batch_size: int, scaling: str = 'reference',
-                   tta: bool = False, pad_mode: str = 'reflect') -> np.ndarray:
+                   tta: bool = False, pad_mode: str = 'reflect',
+                   scale: float = 1.0) -> np.ndarray:
   """Road probabilities of one image of any size.
 
   Args:
@@ -298,6 +353,9 @@ def predict_arrays(forward: Forward, image_uint8: np.ndarray, aux_uint8: np.ndar
     window, overlap, batch_size, pad_mode: as inference.predict_large.
     scaling: 'reference' (x / 255 * 3.2 - 1.6) or 'unit' (x / 255), as the model was trained.
     tta: average over the 8 dihedral symmetries (inference.tta_dihedral).
+    scale: the training scale, data.input_size / tile size: image and aux are resized to
+      scaled_size(H, W, scale) (resize_uint8, as the training pipeline), window and overlap
+      apply at that size, and the probabilities are resized back to (H, W) (cv2 bilinear).
 
   Returns:
     float32 (H, W) probabilities in [0, 1].
@@ -320,10 +378,19 @@ def predict_arrays(forward: Forward, image_uint8: np.ndarray, aux_uint8: np.ndar
                             f'{aux_uint8.shape[:2]} differ')
   if scaling not in pipeline.SCALINGS:
     raise PredictInputError(f'scaling must be one of {pipeline.SCALINGS}; got {scaling!r}')
+  if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < 1e3:
+    raise PredictInputError(f'scale must be a positive number; got {scale!r}')
+  height, width = image_uint8.shape[:2]
+  model_height, model_width = scaled_size(height, width, scale)
+  image_uint8 = resize_uint8(image_uint8, model_height, model_width)
+  aux_uint8 = resize_uint8(aux_uint8, model_height, model_width)
   model = inference.tta_dihedral(forward) if tta else forward
   probabilities = inference.predict_large(
       _scaled_forward(model, scaling), image_uint8, aux_uint8, window=window, overlap=overlap,
       batch_size=batch_size, pad_mode=pad_mode)
+  if probabilities.shape != (height, width):
+    probabilities = cv2.resize(np.asarray(probabilities, np.float32), (width, height),
+                               interpolation=cv2.INTER_LINEAR)
   # Blending averages window outputs, so values outside [0, 1] come from the forward itself.
   tolerance = 1e-6
   low, high = float(probabilities.min()), float(probabilities.max())
@@ -363,6 +430,7 @@ def write_png_atomic(path, array: np.ndarray) -> None:
   try:
     with os.fdopen(handle, 'wb') as temp_file:
       temp_file.write(buffer.getvalue())
+    os.chmod(temp_name, geo_lib.new_file_mode())  # mkstemp's 0600 -> 0666 less the umask
     os.replace(temp_name, path)
   except BaseException:
     try:
@@ -420,8 +488,8 @@ def _check_aligned(image: reading.Raster, aux: reading.Raster) -> None:
 
 
 def load_tile(image_path, *, aux_channels: int = 1, aux_suffix: str = '_gps', aux_dir=None,
-              gps_lonlat: tuple[np.ndarray, np.ndarray] | None = None, blank_aux: bool = False,
-              bit_depth: int | None = None,
+              gps_points: tuple[np.ndarray, np.ndarray] | None = None, blank_aux: bool = False,
+              preparation: preparation_lib.InputPreparation | None = None,
               _aux_index: dict[str, list[pathlib.Path]] | None = None) -> TileInputs:
   """Reads an image and finds or renders its auxiliary raster (rules in the module docstring).
 
@@ -429,18 +497,21 @@ def load_tile(image_path, *, aux_channels: int = 1, aux_suffix: str = '_gps', au
     image_path: the image file.
     aux_channels: channels C the model's aux input has.
     aux_suffix, aux_dir: where the aux raster file is looked for.
-    gps_lonlat: (lon, lat) degrees of GPS points (reading.read_gps_csv) to render when there is
-      no aux file; needs aux_channels == 1.
+    gps_points: (x, y) of GPS points in preparation.gps_crs (preparation.read_gps) to render
+      when there is no aux file; needs aux_channels == 1.
     blank_aux: use zeros when there is neither an aux file nor GPS.
-    bit_depth: image bit depth for non-uint8 images (None: from the data).
+    preparation: how the image and GPS become inputs (the dataset's record); None = the
+      defaults (reading's band rule, the file's bit depth, lon/lat GPS, the whole image one
+      heat-map tile).
 
   Raises:
     PredictInputError: unreadable files, no auxiliary source, size or georeference mismatch.
   """
   image_path = pathlib.Path(image_path)
+  preparation = preparation or preparation_lib.InputPreparation()
   try:
     image_raster = reading.read_raster(image_path)
-    image = reading.to_rgb_uint8(image_raster, bit_depth=bit_depth)
+    image, _ = preparation_lib.prepare_image(image_raster, preparation)
   except reading.ReadError as error:
     raise PredictInputError(str(error)) from error
   height, width = image.shape[:2]
@@ -465,16 +536,14 @@ def load_tile(image_path, *, aux_channels: int = 1, aux_suffix: str = '_gps', au
       raise PredictInputError(f'{error}; the model expects aux_channels={aux_channels}') from error
     return TileInputs(image=image, aux=aux, geo=geo, aux_source=f'file {aux_path}')
 
-  if gps_lonlat is not None:
+  if gps_points is not None:
     if aux_channels != 1:
       raise PredictInputError(f'{image_path}: GPS heat-maps have 1 channel but the model expects '
                               f'aux_channels={aux_channels}')
-    if image_raster.geo is not None:
-      aux, stats = render_gps_aux(*gps_lonlat, height, width, geo=image_raster.geo)
-      where = 'GeoTIFF georeference'
-    elif sidecar_bounds is not None:
-      aux, stats = render_gps_aux(*gps_lonlat, height, width, bounds=sidecar_bounds)
-      where = f'bounds {sidecar}'
+    if geo is not None:
+      aux, stats = render_gps_aux(*gps_points, height, width, geo, preparation,
+                                  bounds=sidecar_bounds if image_raster.geo is None else None)
+      where = 'GeoTIFF georeference' if image_raster.geo is not None else f'bounds {sidecar}'
     else:
       raise PredictInputError(
           f'{image_path}: cannot place GPS points: the image has no georeference (not a GeoTIFF '
@@ -492,6 +561,156 @@ def load_tile(image_path, *, aux_channels: int = 1, aux_suffix: str = '_gps', au
   raise PredictInputError(
       f'{image_path}: no auxiliary raster found in {folder} (tried {tried}); give gps_csv to '
       'render a heat-map, or blank_aux=True for an all-zero aux')
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming one large raster (cmmp_jax.stream).
+
+
+def stream_plan(image_path, *, mode: str, block_size: int, window: int, scale: float,
+                preparation: preparation_lib.InputPreparation, uses_gps: bool
+                ) -> tuple[bool, str]:
+  """Whether an input is predicted by streaming, and why (for the log).
+
+  'off' never streams; 'auto' streams a georeferenced TIFF larger than block_size on a side when
+  streaming supports it; 'on' streams every input and raises when one cannot be.
+  Streaming needs: a TIFF with a CRS, at least one window on each side, the training scale 1,
+  a per-pixel image rule ('bit_depth' or a recorded percentile stretch) and, for GPS, the
+  heat-map tile grid (preparation.tile_size).
+
+  Raises:
+    PredictInputError: mode 'on' and the input cannot be streamed (the reason named).
+  """
+  image_path = pathlib.Path(image_path)
+  if mode == 'off':
+    return False, 'streaming off'
+  reason = None
+  if image_path.suffix.lower() not in reading.TIFF_EXTENSIONS:
+    reason = 'not a TIFF'
+  else:
+    try:
+      with rasterio.open(image_path) as dataset:
+        height, width, crs = dataset.height, dataset.width, dataset.crs
+    except rasterio.errors.RasterioError as error:
+      raise PredictInputError(f'{image_path}: cannot open raster ({error})') from error
+    if crs is None:
+      reason = 'no CRS (GeoTIFF outputs need one)'
+    elif min(height, width) < window:
+      reason = f'a side is shorter than the window {window}'
+    elif mode == 'auto' and max(height, width) <= block_size:
+      return False, f'fits one block ({block_size} px)'
+    elif scale != 1.0:
+      reason = f'the model scale is {scale:g} (streaming predicts at scale 1)'
+    elif preparation.scaling == 'percentile' and preparation.stretch_low is None:
+      reason = 'percentile scaling without a recorded stretch'
+    elif uses_gps and preparation.tile_size is None:
+      reason = 'GPS heat-map without a tile grid (preparation tile_size)'
+  if reason is None:
+    return True, 'streamed'
+  if mode == 'on':
+    raise PredictInputError(f'{image_path}: cannot stream this input: {reason}')
+  return False, f'in memory ({reason})'
+
+
+def stream_inputs(image_path, *, aux_channels: int = 1, aux_suffix: str = '_gps', aux_dir=None,
+                  gps_points: tuple[np.ndarray, np.ndarray] | None = None,
+                  blank_aux: bool = False,
+                  preparation: preparation_lib.InputPreparation | None = None,
+                  _aux_index: dict[str, list[pathlib.Path]] | None = None
+                  ) -> tuple[stream.RasterInputs, str]:
+  """stream.RasterInputs of a georeferenced raster, with its aux found as load_tile finds it
+  (an aux file first, then GPS projected with the GeoTIFF's georeference, then blank).
+
+  Returns:
+    (inputs, aux source for the log).
+
+  Raises:
+    PredictInputError: no aux source, an aux file of another size or georeference, or a raster
+      streaming cannot read (stream.StreamError's message).
+  """
+  image_path = pathlib.Path(image_path)
+  preparation = preparation or preparation_lib.InputPreparation()
+  aux_path = find_aux_file(image_path, aux_suffix=aux_suffix, aux_dir=aux_dir, _index=_aux_index)
+  try:
+    if aux_path is not None:
+      inputs = stream.RasterInputs(image_path, preparation=preparation,
+                                   aux_channels=aux_channels, aux_path=aux_path)
+      with rasterio.open(aux_path) as aux:
+        if aux.crs is not None and (aux.crs != inputs.geo.crs or not np.allclose(
+            tuple(aux.transform)[:6], tuple(inputs.geo.transform)[:6], rtol=0.0,
+            atol=1e-3 * max(abs(inputs.geo.transform.a), abs(inputs.geo.transform.e)))):
+          raise PredictInputError(f'{aux_path}: georeference differs from image {image_path}')
+      return inputs, f'file {aux_path}'
+    if gps_points is not None:
+      inputs = stream.RasterInputs(image_path, preparation=preparation, aux_channels=aux_channels)
+      cols, rows = preparation_lib.gps_to_raster_pixels(*gps_points, preparation.gps_crs,
+                                                        inputs.geo)
+      inputs = stream.RasterInputs(image_path, preparation=preparation,
+                                   aux_channels=aux_channels, gps_pixels=(cols, rows))
+      inside = int(np.count_nonzero((cols >= 0) & (cols < inputs.width) & (rows >= 0)
+                                    & (rows < inputs.height)))
+      return inputs, (f'GPS heat-map via GeoTIFF georeference: {inside} of {cols.size} points '
+                      'inside')
+    if blank_aux:
+      inputs = stream.RasterInputs(image_path, preparation=preparation, aux_channels=aux_channels)
+      return inputs, 'blank (all-zero aux)'
+  except stream.StreamError as error:
+    raise PredictInputError(str(error)) from error
+  folder = pathlib.Path(aux_dir) if aux_dir is not None else image_path.parent
+  raise PredictInputError(
+      f'{image_path}: no auxiliary raster found in {folder} (tried '
+      f'{", ".join(aux_candidate_names(image_path, aux_suffix))}); give gps_csv to render a '
+      'heat-map, or blank_aux=True for an all-zero aux')
+
+
+def predict_streamed(forward: Forward, inputs: stream.RasterInputs, output_dir, stem: str, *,
+                     window: int, overlap: int, batch_size: int, scaling: str = 'reference',
+                     tta: bool = False, threshold: float = 0.5, block_size: int = 4096,
+                     compress: str = 'deflate', cog: bool = False, model_id: str = '',
+                     aux_source: str = '', band_index: int = 0, band_count: int = 1,
+                     wait_timeout_s: float | None = None, graph_config=None,
+                     on_block: Callable[[int, int], Any] | None = None,
+                     log: Callable[[str], Any] = print) -> dict[str, Any]:
+  """Streams one raster: this process's band of blocks, then (band 0, once every band is done)
+  the GeoTIFFs {stem}_prob.tif and {stem}_road.tif and, with graph_config enabled, the road
+  graph read back from the probability GeoTIFF block by block (stream_graph).
+
+  Args:
+    forward: as predict_arrays (receives scaled windows).
+    inputs, aux_source: from stream_inputs.
+    window, overlap, batch_size, scaling, tta, threshold: as predict_arrays / write_prediction.
+    block_size, compress, cog: stream.predict_raster_blocks / stream.assemble_outputs.
+    model_id: the checkpoint, recorded so that a resumed run never mixes models.
+    band_index, band_count: the share of this process (jax.process_index / process_count).
+    wait_timeout_s: how long band 0 waits for the other bands (None: no limit).
+    on_block: called after each finished block.
+
+  Returns:
+    {'written': paths (empty for bands > 0), 'height', 'width', 'road_fraction' (None for bands
+     > 0), 'blocks', 'resumed', 'windows', 'seconds'}.
+  """
+  model = inference.tta_dihedral(forward) if tta else forward
+  result = stream.predict_raster_blocks(
+      _scaled_forward(model, scaling), inputs, output_dir, stem, window=window, overlap=overlap,
+      batch_size=batch_size, block_size=block_size, model_id=model_id, aux_source=aux_source,
+      tta=tta, band_index=band_index, band_count=band_count, on_block=on_block, log=log)
+  summary = {'written': [], 'height': inputs.height, 'width': inputs.width,
+             'road_fraction': None, **{k: result[k] for k in ('blocks', 'resumed', 'windows',
+                                                               'seconds')}}
+  if band_index != 0:
+    return summary
+  if band_count > 1:
+    stream.wait_for_blocks(result['folder'], result['grid'], timeout_s=wait_timeout_s, log=log)
+  paths = output_paths(output_dir, stem, georeferenced=True)
+  written, road_pixels = stream.assemble_outputs(
+      result['folder'], result['grid'], inputs.geo, paths['prob_tif'], paths['road_tif'],
+      threshold=threshold, compress=compress, cog=cog)
+  summary['road_fraction'] = road_pixels / float(inputs.height * inputs.width)
+  if graph_config is not None and graph_config.get('enabled', False):
+    written = written + stream_graph.write_streamed_graph(output_dir, stem, paths['prob_tif'],
+                                                        geo=inputs.geo, config=graph_config)[0]
+  summary['written'] = written
+  return summary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,6 +736,15 @@ def _check_options(threshold, limit, on_error, aux_channels, aux_suffix, aux_dir
     raise PredictInputError(f'{aux_dir}: aux_dir is not a folder')
 
 
+def _check_stream_options(stream_mode, block_size, compress) -> None:
+  if stream_mode not in STREAM_CHOICES:
+    raise PredictInputError(f'stream must be one of {STREAM_CHOICES}; got {stream_mode!r}')
+  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    raise PredictInputError(f'block_size must be a positive integer; got {block_size!r}')
+  if compress not in stream.COMPRESSIONS:
+    raise PredictInputError(f'compress must be one of {stream.COMPRESSIONS}; got {compress!r}')
+
+
 def _check_unique_stems(images: Sequence[pathlib.Path]) -> None:
   seen: dict[str, pathlib.Path] = {}
   for path in images:
@@ -530,9 +758,14 @@ def predict_directory(forward: Forward, input_dir, output_dir, *, window: int, o
                       batch_size: int, scaling: str = 'reference', aux_channels: int = 1,
                       aux_suffix: str = '_gps', aux_dir=None, gps_csv=None,
                       blank_aux: bool = False, threshold: float = 0.5, tta: bool = False,
-                      limit: int | None = None, bit_depth: int | None = None,
-                      pad_mode: str = 'reflect', on_error: str = 'raise',
-                      shard_index: int = 0, shard_count: int = 1,
+                      limit: int | None = None,
+                      preparation: preparation_lib.InputPreparation | None = None,
+                      scale: float = 1.0, pad_mode: str = 'reflect', on_error: str = 'raise',
+                      shard_index: int = 0, shard_count: int = 1, graph_config=None,
+                      stream_mode: str = 'auto', block_size: int = 4096,
+                      compress: str = 'deflate', cog: bool = False, model_id: str = '',
+                      wait_timeout_s: float | None = None,
+                      on_block: Callable[[int, int], Any] | None = None,
                       log: Callable[[str], Any] = print) -> dict[str, Any]:
   """Predicts every image of a folder (or one image file) and writes the road maps.
 
@@ -549,12 +782,24 @@ def predict_directory(forward: Forward, input_dir, output_dir, *, window: int, o
     threshold: road where probability > threshold.
     tta: 8-fold dihedral test-time augmentation.
     limit: predict only the first `limit` images (sorted by name).
-    bit_depth: bit depth of non-uint8 images (None: from each image's largest value).
+    preparation: how images and GPS become inputs (load_tile); None = the defaults.
+    scale: training scale data.input_size / tile size (predict_arrays).
     on_error: 'raise' stops at the first input that cannot be read (outputs already written
       stay); 'skip' logs it, records it under 'failed' and goes on. Errors of the forward or
       of writing always stop.
     shard_index, shard_count: predict only inputs shard_index, shard_index + shard_count, ...
       of the sorted list (one share per process when several hosts predict one folder).
+    graph_config: `config.graph`; when its 'enabled' is true, also writes each input's road
+      graph ({stem}_graph.geojson, _graph.graphml, _overlay.png; cmmp_jax.graphs).
+    stream_mode: 'auto' streams georeferenced TIFFs larger than block_size on a side
+      (stream_plan), 'on' streams every input (an error when one cannot be), 'off' never.
+      A streamed input writes only the GeoTIFFs (no PNGs), and is shared by every process in
+      bands of blocks (shard_index / shard_count) instead of going to one process; process 0
+      waits for the other bands (wait_timeout_s) and writes the files.
+    block_size, compress, cog: streaming's block side, GeoTIFF compression, Cloud-Optimized
+      GeoTIFF outputs.
+    model_id: identifies the model in a streamed run's progress file (resume never mixes two).
+    on_block: called with (i, j) after each streamed block (progress hooks, tests).
     log: called with one progress line per input (size, aux source, road share, seconds).
 
   Returns:
@@ -568,40 +813,87 @@ def predict_directory(forward: Forward, input_dir, output_dir, *, window: int, o
     inference.InferenceInputError: bad window settings or forward outputs.
   """
   _check_options(threshold, limit, on_error, aux_channels, aux_suffix, aux_dir)
+  _check_stream_options(stream_mode, block_size, compress)
   images = find_inputs(input_dir, aux_suffix=aux_suffix)
   if limit is not None:
     images = images[:int(limit)]
   _check_unique_stems(images)
   if not 0 <= shard_index < shard_count:
     raise PredictInputError(f'shard_index {shard_index} is not in [0, {shard_count})')
-  images = images[shard_index::shard_count]
+  preparation = preparation or preparation_lib.InputPreparation()
+  plans = {}
+  aux_indexes: dict[pathlib.Path, dict[str, list[pathlib.Path]]] = {}
+  for path in images:
+    uses_gps = False
+    if gps_csv is not None and stream_mode != 'off' and (
+        path.suffix.lower() in reading.TIFF_EXTENSIONS):
+      aux_folder = pathlib.Path(aux_dir) if aux_dir is not None else path.parent
+      if aux_folder not in aux_indexes:
+        aux_indexes[aux_folder] = _files_by_stem(aux_folder)
+      uses_gps = find_aux_file(path, aux_suffix=aux_suffix, aux_dir=aux_folder,
+                               _index=aux_indexes[aux_folder]) is None
+    plans[path] = stream_plan(path, mode=stream_mode, block_size=block_size, window=window,
+                              scale=scale, preparation=preparation, uses_gps=uses_gps)
+  # Streamed inputs are shared by every process (bands); the others go to one process each.
+  images = [path for k, path in enumerate(images)
+            if plans[path][0] or k % shard_count == shard_index]
   output_dir = pathlib.Path(output_dir)
   if output_dir.exists() and not output_dir.is_dir():
     raise PredictInputError(f'{output_dir}: output path exists and is not a folder')
   output_dir.mkdir(parents=True, exist_ok=True)
 
-  gps_lonlat = None
+  gps_points = None
   if gps_csv is not None:
     if aux_channels != 1:
       raise PredictInputError(f'gps_csv renders 1-channel heat-maps but aux_channels='
                               f'{aux_channels}')
     try:
-      gps_lonlat = reading.read_gps_csv(gps_csv)
+      gps_points = preparation_lib.read_gps(gps_csv, preparation)
     except reading.ReadError as error:
       raise PredictInputError(str(error)) from error
-    log(f'GPS: {gps_lonlat[0].size} points from {gps_csv}')
+    log(f'GPS: {gps_points[0].size} points from {gps_csv} ({preparation.gps_crs})')
 
-  aux_indexes: dict[pathlib.Path, dict[str, list[pathlib.Path]]] = {}
   summary: dict[str, Any] = {'written': [], 'tiles': [], 'failed': []}
   for number, image_path in enumerate(images, start=1):
     start = time.perf_counter()
     aux_folder = pathlib.Path(aux_dir) if aux_dir is not None else image_path.parent
     if aux_folder not in aux_indexes:
       aux_indexes[aux_folder] = _files_by_stem(aux_folder)
+    if plans[image_path][0]:
+      try:
+        inputs, aux_source = stream_inputs(
+            image_path, aux_channels=aux_channels, aux_suffix=aux_suffix, aux_dir=aux_folder,
+            gps_points=gps_points, blank_aux=blank_aux, preparation=preparation,
+            _aux_index=aux_indexes[aux_folder])
+      except PredictInputError as error:
+        if on_error == 'raise':
+          raise
+        log(f'[{number}/{len(images)}] {image_path.name}: SKIPPED: {error}')
+        summary['failed'].append({'image': str(image_path), 'error': str(error)})
+        continue
+      result = predict_streamed(
+          forward, inputs, output_dir, image_path.stem, window=window, overlap=overlap,
+          batch_size=batch_size, scaling=scaling, tta=tta, threshold=threshold,
+          block_size=block_size, compress=compress, cog=cog, model_id=model_id,
+          aux_source=aux_source, band_index=shard_index, band_count=shard_count,
+          wait_timeout_s=wait_timeout_s, graph_config=graph_config, on_block=on_block, log=log)
+      seconds = time.perf_counter() - start
+      summary['written'].extend(result['written'])
+      summary['tiles'].append({
+          'image': str(image_path), 'aux_source': aux_source, 'height': result['height'],
+          'width': result['width'], 'road_fraction': result['road_fraction'],
+          'seconds': seconds, 'outputs': result['written'], 'streamed': True,
+          'blocks': result['blocks'], 'resumed_blocks': result['resumed']})
+      road = ('' if result['road_fraction'] is None
+              else f", road {result['road_fraction']:.1%}")
+      log(f'[{number}/{len(images)}] {image_path.name}: {result["height"]} x '
+          f'{result["width"]} px streamed ({result["blocks"]} blocks computed, '
+          f'{result["resumed"]} resumed), aux {aux_source}{road}, {seconds:.2f} s')
+      continue
     try:
       tile = load_tile(image_path, aux_channels=aux_channels, aux_suffix=aux_suffix,
-                       aux_dir=aux_folder, gps_lonlat=gps_lonlat, blank_aux=blank_aux,
-                       bit_depth=bit_depth, _aux_index=aux_indexes[aux_folder])
+                       aux_dir=aux_folder, gps_points=gps_points, blank_aux=blank_aux,
+                       preparation=preparation, _aux_index=aux_indexes[aux_folder])
     except PredictInputError as error:
       if on_error == 'raise':
         raise
@@ -610,9 +902,13 @@ def predict_directory(forward: Forward, input_dir, output_dir, *, window: int, o
       continue
     probabilities = predict_arrays(
         forward, tile.image, tile.aux, window=window, overlap=overlap, batch_size=batch_size,
-        scaling=scaling, tta=tta, pad_mode=pad_mode)
+        scaling=scaling, tta=tta, pad_mode=pad_mode, scale=scale)
     written = write_prediction(output_dir, image_path.stem, probabilities, threshold=threshold,
                                geo=tile.geo)
+    if graph_config is not None and graph_config.get('enabled', False):  # road graph files
+      written += graphs_lib.write_graph_outputs(
+          output_dir, image_path.stem, probabilities, image=tile.image,
+          heatmap=tile.aux[..., 0], geo=tile.geo, config=graph_config)[0]
     seconds = time.perf_counter() - start
     height, width = probabilities.shape
     road_fraction = float(np.mean(probabilities > threshold))
@@ -627,14 +923,64 @@ def predict_directory(forward: Forward, input_dir, output_dir, *, window: int, o
   return summary
 
 
+def training_preparation(config) -> tuple[preparation_lib.InputPreparation, int | None, str]:
+  """The input preparation and tile size the model of `config` was trained on.
+
+  config.predict.preparation, when set, is a JSON file (a dataset's metadata.json or a record
+  alone, preparation.load_record); else the record in the metadata of config.data's built
+  dataset. The tile size is the record's tile_size, else the image size of the dataset's first
+  training example (datasets whose builders record none).
+
+  Returns:
+    (preparation, tile_size or None when unknown, where they came from, for the log).
+    Without a record (no dataset built here, or one built before records existed): the
+    default InputPreparation, with a warning on the console.
+  """
+  override = config.predict.get('preparation', '')
+  data = config.data
+  label = f'{data.name}/{data.config}'
+  if override:
+    record = preparation_lib.load_record(override)
+    return record, record.tile_size, str(override)
+  data_dir = pathlib.Path(data.data_dir).expanduser().absolute()
+  if not build_lib.is_built(data.name, data_dir, data.config or None):
+    reporting.console(
+        f'WARNING: dataset {label} is not built in {data_dir}, so its input preparation is '
+        'unknown: predicting with the defaults (reading\'s band and bit-depth rules, lon/lat '
+        'GPS, one heat-map over each whole image, no resize); set config.predict.preparation '
+        'to the metadata.json of the dataset the model was trained on')
+    return preparation_lib.InputPreparation(), None, 'defaults'
+  builder = build_lib.make_builder(data.name, data_dir, data.config or None)
+  version_dir = pathlib.Path(os.fspath(builder.data_path))
+  record = preparation_lib.from_metadata(builder.info.metadata, str(version_dir))
+  tile_size = record.tile_size if record is not None else None
+  if tile_size is None and data.train_split in builder.info.splits:
+    source = builder.as_data_source(split=data.train_split)
+    if len(source):
+      tile_size = int(np.asarray(source[0]['image']).shape[0])
+  if record is None:
+    reporting.console(
+        f'WARNING: dataset {label} at {version_dir} records no input preparation (built before '
+        'records existed): predicting with the default preparation; rebuild it with '
+        '--overwrite, or set config.predict.preparation')
+    record = preparation_lib.InputPreparation()
+  if record.tile_size is None and tile_size is not None:
+    # Heat-maps rendered here are then normalised per dataset-sized tile, as the dataset's.
+    record = dataclasses.replace(record, tile_size=tile_size)
+  return record, tile_size, f'dataset {label} ({version_dir})'
+
+
 def predict_from_checkpoint(config, workdir) -> dict:
   """`--mode=predict`: restores config.eval.checkpoint from workdir and predicts
   config.predict.input_dir into config.predict.output_dir (default WORKDIR/predictions). With no
   input_dir, predicts the first config.predict.num_examples tiles of the test split (the demo).
+  Inputs are prepared by the training data's record (training_preparation) and seen at the
+  training scale, data.input_size / tile size.
   """
   # Prediction is embarrassingly parallel: each process predicts its own share of the inputs on
   # its own devices (windows sharded over them, weights replicated), with no cross-process
-  # computation, so processes never wait for each other.
+  # computation, so processes never wait for each other (except that process 0 waits for the
+  # other bands of a streamed raster before writing its GeoTIFFs).
   mesh = sharding.make_mesh(jax.local_devices())
   model, state, step, _ = evaluate.restore_for_inference(config, workdir, mesh=mesh)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -648,12 +994,23 @@ def predict_from_checkpoint(config, workdir) -> dict:
   batch_size = max(local, config.eval_batch_size // jax.process_count() // local * local)
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   if pcfg.input_dir:
+    preparation, tile_size, origin = training_preparation(config)
+    scale = 1.0
+    if config.data.input_size and tile_size and config.data.input_size != tile_size:
+      scale = config.data.input_size / tile_size
+    reporting.console(f'input preparation from {origin}: {preparation.describe()}; model scale '
+                      f'{scale:g} (input_size {config.data.input_size or "= tile"}, tile '
+                      f'{tile_size or "unknown"})')
     summary = predict_directory(
         forward, pcfg.input_dir, output_dir, window=window, overlap=pcfg.overlap,
         batch_size=batch_size, scaling=config.data.scaling,
         aux_channels=config.model.aux_channels, gps_csv=pcfg.gps_csv or None,
         blank_aux=pcfg.blank_aux, threshold=pcfg.threshold, tta=config.eval.tta,
-        log=reporting.console, **shard)
+        preparation=preparation, scale=scale, graph_config=config.get('graph'),
+        stream_mode=pcfg.get('stream', 'auto'), block_size=pcfg.get('block_size', 4096),
+        compress=pcfg.get('compress', 'deflate'), cog=pcfg.get('cog', False),
+        model_id=f'{pathlib.Path(workdir).absolute()} step {step}', log=reporting.console,
+        **shard)
   else:
     source = sources.dataset_source(config, config.data.test_split)
     written = []
@@ -663,18 +1020,17 @@ def predict_from_checkpoint(config, workdir) -> dict:
       tile_id = example['tile_id']
       tile_id = tile_id.decode() if isinstance(tile_id, bytes) else str(tile_id)
       image, aux = np.asarray(example['image']), np.asarray(example['aux'])
-      if config.data.input_size and config.data.input_size != image.shape[0]:
-        # The model was trained on resized tiles: predict at that scale, write at full size.
-        size = (config.data.input_size, config.data.input_size)
-        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-        aux = cv2.resize(aux, size, interpolation=cv2.INTER_LINEAR).reshape(*size, -1)
+      # The model was trained on tiles resized to input_size: predict at that scale, write at
+      # the label's size.
+      scale = (config.data.input_size / image.shape[0]) if config.data.input_size else 1.0
       probs = predict_arrays(forward, image, aux, window=window, overlap=pcfg.overlap,
                              batch_size=batch_size, scaling=config.data.scaling,
-                             tta=config.eval.tta)
+                             tta=config.eval.tta, scale=scale)
       label = np.asarray(example['mask'])
-      if probs.shape != label.shape[:2]:
-        probs = cv2.resize(probs, label.shape[1::-1], interpolation=cv2.INTER_LINEAR)
       written += write_prediction(output_dir, tile_id, probs, threshold=pcfg.threshold)
+      if config.get('graph') is not None and config.graph.enabled:  # road graph files
+        written += graphs_lib.write_graph_outputs(output_dir, tile_id, probs, image=image,
+                                                  heatmap=aux[..., 0], config=config.graph)[0]
       label_path = output_dir / f'{tile_id}_label.png'
       write_png_atomic(label_path, (label[..., 0] * 255).astype(np.uint8))
       written.append(label_path)

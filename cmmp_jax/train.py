@@ -8,12 +8,20 @@ encoders as config.init says via `convert.init_encoders`), resume from the lates
 validation (and test) every config.eval_every_steps (`evaluate`) that drives the plateau schedule
 and keeps the best checkpoint, and a final checkpoint. SIGTERM saves and exits; a non-finite
 loss stops the run with the last good checkpoint intact.
+
+What a crash cannot lose (README "Reliability"): the workdir is locked for one run
+(`workdir.WorkdirLock`); a step is saved before it is evaluated (a failing evaluation keeps the
+step, and a resume from it runs the evaluation again); resuming skips damaged checkpoints
+(`checkpoint.Checkpoints.restore_newest_intact`) and refuses one whose trajectory settings differ
+from the config (config.allow_changed_settings overrides); SIGTERM saves and raises
+`PreemptedError` (main.py exits with status 143).
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import json
+import math
 import pathlib
 import signal
 import threading
@@ -26,12 +34,28 @@ import ml_collections
 import numpy as np
 
 from cmmp_jax import checkpoint as ckpt_lib
-from cmmp_jax import convert, evaluate, models, reporting, sharding, state as state_lib, steps
+from cmmp_jax import config_checks, convert, evaluate, models, reporting, sharding
+from cmmp_jax import state as state_lib, steps
+from cmmp_jax import workdir as workdir_lib
 from cmmp_jax.data import sources
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf; training stopped and the last good checkpoint is intact."""
+
+
+# 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: schedulers (SLURM,
+# Kubernetes, Borg) read any non-zero status as "not finished" and run the job again.
+PREEMPTED_EXIT_CODE = 143
+
+
+class PreemptedError(Exception):
+  """SIGTERM stopped training after saving `step` (the run is not finished: rerun to resume)."""
+
+  def __init__(self, step: int, workdir):
+    self.step = step
+    super().__init__(f"SIGTERM: saved step {step} in {workdir}; exiting before the run's end "
+                     "(the same command resumes from there)")
 
 
 class Preemption:
@@ -90,8 +114,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint in workdir. Returns the final summary (best validation and its test metrics), also
   written to WORKDIR/train_summary.json. Everything logged meanwhile also goes to
   WORKDIR/log.txt."""
-  with reporting.log_to_workdir(workdir):
-    return _train_and_evaluate(config, pathlib.Path(workdir).absolute())
+  with workdir_lib.WorkdirLock(workdir, jax.process_index()) as lock:
+    with reporting.log_to_workdir(workdir):
+      if lock.previous_holder:
+        reporting.console(workdir_lib.describe_previous(lock.previous_holder))
+      return _train_and_evaluate(config, pathlib.Path(workdir).absolute())
 
 
 def learning_rate_on_resume(config, state, plateau, meta, step: int):
@@ -138,6 +165,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   val_source = sources.dataset_source(config, config.data.eval_split)
   test_source = (sources.dataset_source(config, config.data.test_split)
                  if config.eval_on_test else None)
+  # Before anything compiles: the devices divide both batch sizes, the split holds one batch.
+  config_checks.check_before_training(config, len(train_source))
   steps_per_epoch = len(train_source) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"config.batch_size {config.batch_size} exceeds the {len(train_source)} "
@@ -153,9 +182,23 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
                                      pretrained=ckpts.latest.latest_step() is None)
   plateau = state_lib.PlateauSchedule.from_config(config)
   history = []
+  resumed = None
+  evaluate_first = False  # the restored step was saved before its evaluation ran
   if ckpts.latest.latest_step() is not None:
-    step0, restored, meta = ckpts.restore("latest", jax.device_get(state), config.model,
-                                          data_iter)
+    resumed = ckpts.restore_newest_intact(jax.device_get(state), config.model, data_iter,
+                                          run_config=config)
+    if resumed is None:
+      reporting.console(f"no intact checkpoint left in {workdir / 'checkpoints'}: starting "
+                        "from step 0")
+      data_iter = iter(sources.train_loader(config, train_source))  # (a failed restore's)
+      model, state, init = initial_state(config, train_source[0], total_steps, mesh)
+  if resumed is not None:
+    step0, restored, meta = resumed
+    changed = ckpt_lib.changed_settings(meta.get("config"), config) if step0 else []
+    if changed:  # (refused in the restore unless config.allow_changed_settings)
+      reporting.console("continuing with changed settings (config.allow_changed_settings): "
+                        + "; ".join(changed) + "; the data order restarts")
+    evaluate_first = meta.get("evaluated") is False
     state = sharding.put_replicated(restored, mesh)
     plateau = state_lib.PlateauSchedule(**meta.get("plateau", dataclasses.asdict(plateau)))
     history = meta.get("history", [])
@@ -190,19 +233,22 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
                                           num_profile_steps=config.profile_num_steps))
   progress = reporting.Progress(total_steps, config.batch_size, start_step)
 
-  def meta_dict():
+  def meta_dict(evaluated: bool = True):
     return {"model": ckpt_lib.model_signature(config.model), "plateau": dataclasses.asdict(plateau),
-            "history": history, "config": json.loads(config.to_json_best_effort())}
+            "history": history, "config": json.loads(config.to_json_best_effort()),
+            "evaluated": evaluated}
 
   def log_pending(pending):
     """Fetches the metrics of the steps since the last log (one host sync per interval)."""
     fetched = jax.device_get([m for _, m in pending])
     for (s, _), m in zip(pending, fetched):
       if not m["finite"]:
+        last = ckpts.latest.latest_step()
+        kept = (f"The last good checkpoint in {workdir / 'checkpoints'} is intact (step {last})"
+                if last is not None else "No checkpoint had been written yet")
         raise NonFiniteLossError(
             f"loss became {float(m['loss'])} (gradient norm {float(m['grad_norm'])}) at step {s}; "
-            f"training stopped. The last good checkpoint in {workdir / 'checkpoints'} is intact "
-            f"(step {ckpts.latest.latest_step()}); lower optimizer.learning_rate or set "
+            f"training stopped. {kept}; lower optimizer.learning_rate or set "
             "optimizer.grad_clip_norm")
     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm")}
     scalars["learning_rate"] = float(fetched[-1]["learning_rate"])
@@ -223,9 +269,19 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     if examples:
       writer.write_images(step, {"val/panels": evaluate.summary_panels(examples,
                                                                        config.data.scaling)})
-    improved = val["g_iou"] > plateau.best
+    # No road pixel in the validation labels (recall undefined): G_IoU is NaN or 0 whatever the
+    # model does, so it can neither select a best checkpoint nor drive the plateau schedule.
+    selectable = selects_a_model(val)
+    if not selectable and not undefined_warned:
+      undefined_warned.append(step)
+      reporting.console(
+          f"WARNING: validation G_IoU is undefined at step {step}: split "
+          f"{config.data.eval_split!r} of {config.data.name}/{config.data.config} has no road "
+          "pixel. No best checkpoint is kept from such evaluations, the plateau schedule does "
+          "not count them, and eval/predict fall back to the latest checkpoint")
+    improved = selectable and val["g_iou"] > plateau.best
     stop = False
-    if config.optimizer.schedule == "plateau":
+    if config.optimizer.schedule == "plateau" and selectable:
       lr = (plateau.lr if plateau.lr is not None
             else float(jax.device_get(state_lib.current_learning_rate(state))))
       new_lr, stop = plateau.update(val["g_iou"], lr)
@@ -242,7 +298,17 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
         + (" (best)" if improved else ""))
     return state, improved, stop
 
+  def evaluation_point(step, state, saved: bool):
+    """Evaluates `step` (already in checkpoints/ when `saved`), keeps it as the best when it
+    improved. Returns (state, stop)."""
+    state, improved, stop = run_evaluation(step, state)
+    if improved:
+      ckpts.save(step, state, meta_dict(), consumed, best=True, latest=not saved)
+    return state, stop
+
+  undefined_warned = []
   stop = False
+  preempted = False
   pending = []
   batches = sharding.prefetch_to_mesh(data_iter, mesh)
   consumed = sharding.IteratorSnapshot(data_iter.get_state())  # the data position of `state`
@@ -255,12 +321,15 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
       train_step = train_step.lower(state, first[0]).compile()
       sharding.sync_processes("train-step-compiled")
       batches = itertools.chain([first], batches)
+    if evaluate_first:  # interrupted (or failed) between its save and its evaluation
+      state, stop = evaluation_point(step, state, saved=True)
     with Preemption() as preemption:
       while step < total_steps and not stop:
         if preemption.should_stop(step):
           reporting.console(f"SIGTERM: saving step {step} and exiting", every_process=True)
           if ckpts.latest.latest_step() != step:  # unless this step was just saved
             ckpts.save(step, state, meta_dict(), consumed)
+          preempted = True
           break
         batch, consumed = next(batches)
         state, step_metrics = train_step(state, batch)
@@ -280,11 +349,12 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
           if pending:
             log_pending(pending)
             pending = []
-          state, improved, stop = run_evaluation(step, state)
-          if improved:
-            ckpts.save(step, state, meta_dict(), consumed, best=True)
-          elif step % ckpt_every == 0:
-            ckpts.save(step, state, meta_dict(), consumed)
+          # Save first: an evaluation that fails (a damaged validation file) or is killed does
+          # not lose the interval; a resume from this step evaluates it again.
+          saved = step % ckpt_every == 0 or step == total_steps
+          if saved:
+            ckpts.save(step, state, meta_dict(evaluated=False), consumed)
+          state, stop = evaluation_point(step, state, saved)
           if stop:
             reporting.console(
                 f"val G_IoU has not improved for {plateau.patience + 1} evaluations and the "
@@ -301,16 +371,45 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     ckpts.wait()
     ckpts.close()
     writer.flush()
+  if preempted:
+    raise PreemptedError(step, workdir)
   if not history:
     return {}
-  best = max(history, key=lambda r: r["val"]["g_iou"])
-  summary = {"best_step": best["step"], "val": best["val"], "test": best.get("test")}
   summary_path = workdir / "train_summary.json"
+  summary = summarize(history, step)
   if sharding.is_primary():
     reporting.write_json(summary_path, summary)
+  if summary["best_step"] is None:
+    reporting.console(
+        "validation G_IoU was undefined at every evaluation (no road pixel in the validation "
+        f"split): no best checkpoint was written; eval and predict use the latest (step {step}) "
+        f"-> {summary_path}; checkpoints in {workdir / 'checkpoints'}")
+    return summary
+  test = summary.get("test")
   reporting.console(
-      f"best validation G_IoU {best['val']['g_iou']:.4f} at step {best['step']}"
-      + (f" (test G_IoU {best['test']['g_iou']:.4f} A_IoU {best['test']['a_iou']:.4f})"
-         if best.get("test") else "")
+      f"best validation G_IoU {summary['val']['g_iou']:.4f} at step {summary['best_step']}"
+      + (f" (test G_IoU {test['g_iou']:.4f} A_IoU {test['a_iou']:.4f})" if test else "")
       + f" -> {summary_path}; checkpoints in {workdir / 'checkpoints'} and {workdir / 'best'}")
   return summary
+
+
+def selects_a_model(val: dict) -> bool:
+  """Whether a validation result can rank checkpoints: G_IoU and recall defined (recall is
+  undefined exactly when the labels have no road pixel; G_IoU is then NaN or 0 whatever the model
+  predicts). Values read back from JSON may be None for NaN."""
+  return all(val.get(k) is not None and math.isfinite(val[k]) for k in ("g_iou", "recall"))
+
+
+def summarize(history: list[dict], last_step: int) -> dict:
+  """The run's summary from its evaluation history: the best validation G_IoU (the first of
+  equals, as the loop keeps it) among the evaluations that could select one, and its test
+  metrics. When none could (no road pixel in validation), best_step is None and the metrics are
+  the last evaluation's, that of the latest checkpoint (`last_step`), which eval and predict
+  then use."""
+  selectable = [r for r in history if selects_a_model(r["val"])]
+  if not selectable:
+    last = history[-1]
+    return {"best_step": None, "latest_step": last_step, "selection": "latest",
+            "val": last["val"], "test": last.get("test")}
+  best = max(selectable, key=lambda r: r["val"]["g_iou"])
+  return {"best_step": best["step"], "val": best["val"], "test": best.get("test")}

@@ -19,6 +19,7 @@ def get_config(preset: str = ""):
   config.init.imagenet = True  # ImageNet ResNet-34 encoders, as the release's (default.py)
   config.data.num_workers = 4
   config.num_epochs = 30
-  config.predict.window = 1024
-  config.predict.overlap = 128
+  # Prediction sees inputs at the training scale (1024 -> 512): windows of the model's 512.
+  config.predict.window = 512
+  config.predict.overlap = 64
   return presets.apply(config, preset)

@@ -94,6 +94,9 @@ def get_config(preset: str = ""):
   config.log_every_steps = 50
   config.checkpoint_every_steps = 0  # 0 = at each evaluation
   config.keep_checkpoints = 3
+  # Resuming a checkpoint trained with another seed, dataset, batch size or optimizer setting
+  # (checkpoint.TRAJECTORY_FIELDS) is refused unless this is True.
+  config.allow_changed_settings = False
   config.image_summaries = 4    # panels (image, aux, prediction, label) written per evaluation
   config.profile_start_step = -1  # >= 0 captures a profiler trace of a few steps from there
   config.profile_num_steps = 5
@@ -103,6 +106,10 @@ def get_config(preset: str = ""):
       checkpoint="best",        # best | latest | a step number
       split="test",
       tta=False,                # average the 8 dihedral views
+      # APLS and TOPO of the road graphs (config.graph's extraction) next to the pixel metrics
+      # (cmmp_jax.graph_eval): per tile and as tile means, in the console, the JSON and the log.
+      graph_metrics=True,
+      metres_per_pixel=0.0,     # > 0 overrides the pixel size (else: from the dataset)
   ))
   config.predict = ml_collections.ConfigDict(dict(
       input_dir="",             # images (+ aux rasters or GPS); empty = a few tiles of the test split
@@ -113,6 +120,50 @@ def get_config(preset: str = ""):
       threshold=0.5,
       num_examples=4,           # tiles written when input_dir is empty
       blank_aux=False,          # allow inputs without any aux (an all-zero raster)
+      # Input preparation (bands, bit depth, GPS columns/CRS, heat-map tile grid): "" = the
+      # record in the metadata of config.data's dataset; else a JSON file (a dataset's
+      # metadata.json, or an 'input_preparation' record alone; cmmp_jax.data.preparation).
+      preparation="",
+      # Streaming (cmmp_jax.stream): auto = georeferenced TIFFs larger than block_size on a
+      # side are read by windows and written block by block as tiled GeoTIFFs (no PNGs), with
+      # memory bounded by block/window/batch, resumable, shared by all processes in bands;
+      # on = every input (an error when one cannot be); off = always in memory.
+      stream="auto",
+      block_size=4096,          # output block side (rounded up to whole heat-map tiles)
+      compress="deflate",       # GeoTIFF compression of streamed outputs: deflate|lzw|zstd|none
+      cog=False,                # streamed outputs as Cloud-Optimized GeoTIFFs
+  ))
+  # Road graphs from predictions (cmmp_jax.graphs; fields = graphs.GraphParams, lengths in
+  # pixels, defaults for ~0.5 m/px). --mode=predict writes {stem}_graph.geojson, .graphml and
+  # {stem}_overlay.png beside the road maps, from the whole stitched map of a mosaic.
+  config.graph = ml_collections.ConfigDict(dict(
+      enabled=True,             # write the graph files in --mode=predict
+      wgs84=False,              # GeoJSON in lon/lat instead of the input's CRS
+      threshold=0.5,            # road where probability > threshold
+      min_blob_area=64,         # drop road blobs smaller than this (px)
+      max_hole_area=64,         # fill holes smaller than this (px)
+      junction_merge_distance=4.0,  # junctions closer than this along an edge become one
+      spur_length=12.0,         # prune dead ends shorter than this
+      simplify_tolerance=1.0,   # Douglas-Peucker tolerance
+      bridge_max_distance=24.0,  # longest gap bridge (image only)
+      bridge_max_angle=35.0,    # degrees off each dead end's direction
+      bridge_direction_length=10.0,  # polyline length defining a dead end's direction
+      bridge_min_detour=3.0,    # connected ends: bridge only if the graph path is this x longer
+      bridge_to_edges=True,     # extend dead ends onto the edge they point at
+      use_trajectories=False,   # GPS heat-map decides bridges and recovers missed roads
+      heat_min=0.004,           # heat-map value (0..1) counted as a fix (uint8 heat-maps: >= 2)
+      bridge_min_density=0.05,  # fix density (share of nearby fix pixels) of a traffic ridge
+      bridge_min_heat_fraction=0.7,  # share of a bridge that must see traffic
+      trajectory_bridge_max_distance=60.0,  # longest bridge when trajectories decide
+      recover=True,             # add heat ridges the image missed (with use_trajectories)
+      recover_sigma=4.0,        # Gaussian of fix pixels
+      recover_density=0.08,     # fix density of a heat ridge
+      recover_cover_radius=3.0,  # ridge pixels this close to predicted road are covered
+      recover_min_length=20.0,  # shortest recovered piece (skeleton px)
+      recover_max_width=40.0,   # wider ridges are parking lots, not roads
+      recover_width=5,          # width a recovered piece is painted with
+      block_size=4096,          # skeletonise larger rasters in blocks (0 = whole array)
+      block_overlap=128,
   ))
 
   return presets.apply(config, preset)

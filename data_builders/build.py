@@ -34,6 +34,8 @@ from typing import Sequence
 
 import tensorflow_datasets as tfds
 
+from cmmp_jax.data import preparation as preparation_lib
+
 # Dataset name -> (module, class). Imported on demand only.
 REGISTRY: dict[str, tuple[str, str]] = {
     'synthetic': ('data_builders.synthetic', 'Synthetic'),
@@ -208,6 +210,10 @@ def build(name: str, data_dir: os.PathLike | str, config: str | None = None,
   splits = ', '.join(f'{split} {info.num_examples}'
                      for split, info in builder.info.splits.items())
   _log(f'built {label} {builder.version} in {time.monotonic() - start:.1f} s ({splits})')
+  record = (builder.info.metadata or {}).get(preparation_lib.PREPARATION_KEY)
+  if record is not None:
+    described = preparation_lib.InputPreparation.from_json(record, str(version_dir)).describe()
+    _log(f'input preparation ({described}) recorded in {version_dir / "metadata.json"}')
   return version_dir
 
 

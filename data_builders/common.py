@@ -8,8 +8,16 @@ Every builder here writes examples of one contract (NHWC, uint8):
              zlib-compressed tensor (PNG has no other channel counts).
   'mask':    uint8 (H, W, 1) road label, 1 = road, 0 = background, stored as PNG.
   'tile_id': text, the tile's name in the source data set.
-  'bounds':  float32 (4,) (west, south, east, north) in WGS84 degrees, NaN x4
-             when the source does not say where the tile is.
+  'bounds':  float64 (4,) (west, south, east, north) in WGS84 degrees, NaN x4
+             when the source does not say where the tile is. Stored as raw bytes:
+             TFDS keeps float tensors as float32 otherwise, which moves a tile's
+             edge by up to 1.4 pixels at 0.3 m resolution (8e-6 degrees at lon 116).
+
+Metadata: every build records how its inputs were prepared (bands, bit depth,
+scaling, GPS reading, heat-map normalisation grid; cmmp_jax.data.preparation)
+in the TFDS metadata (`metadata.json` in the version folder, key
+preparation.PREPARATION_KEY, read back as builder.info.metadata); prediction
+applies that record to new files. Builders set it with `record_preparation`.
 
 Images are handed to TFDS as PNG bytes made with PIL, never as numpy arrays:
 TFDS encodes numpy images with TensorFlow, PNG bytes need none, so building and
@@ -33,11 +41,12 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from cmmp_jax.data import preparation as preparation_lib
 from cmmp_jax.data import reading
 
 # Channel counts that PNG (and the TFDS Image feature) can hold.
 PNG_CHANNELS = (1, 3, 4)
-NAN_BOUNDS = np.full((4,), np.nan, dtype=np.float32)
+NAN_BOUNDS = np.full((4,), np.nan, dtype=np.float64)
 DEFAULT_FILE_FORMAT = 'array_record'
 
 
@@ -110,7 +119,9 @@ def example_features(aux_channels: int = 1) -> tfds.features.FeaturesDict:
       'mask': tfds.features.Image(
           shape=(None, None, 1), dtype=np.uint8, encoding_format='png'),
       'tile_id': tfds.features.Text(),
-      'bounds': tfds.features.Tensor(shape=(4,), dtype=np.float32),
+      # Raw bytes: a float64 Tensor is otherwise stored as float32 (see module docstring).
+      'bounds': tfds.features.Tensor(shape=(4,), dtype=np.float64,
+                                     encoding=tfds.features.Encoding.BYTES),
   })
 
 
@@ -153,7 +164,7 @@ def make_example(
 
   Returns:
     {'image': PNG bytes, 'aux': PNG bytes or uint8 array, 'mask': PNG bytes,
-     'tile_id': str, 'bounds': float32 (4,)}.
+     'tile_id': str, 'bounds': float64 (4,)}.
   """
   where = source if source is not None else tile_id
   for name, array, channels in (('image', image, (3,)), ('aux', aux, None),
@@ -173,7 +184,7 @@ def make_example(
   if bounds is None:
     bounds_array = NAN_BOUNDS.copy()
   else:
-    bounds_array = np.asarray(bounds, dtype=np.float32).reshape(-1)
+    bounds_array = np.asarray(bounds, dtype=np.float64).reshape(-1)
     if bounds_array.shape != (4,):
       raise DatasetFileError(where, f'bounds must be 4 numbers, got {bounds}')
     finite = np.isfinite(bounds_array)
@@ -450,4 +461,29 @@ class RoadTileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         features=example_features(self.aux_channels),
         homepage=getattr(self, 'HOMEPAGE', None),
         citation=getattr(self, 'CITATION', None),
+        # metadata.json in the version folder; loaded back with the dataset.
+        metadata=tfds.core.MetadataDict(),
     )
+
+  # What a build records when its _split_generators records nothing more specific: images read
+  # by reading's rules (uint8 files), aux rasters read from files.
+  DEFAULT_PREPARATION = preparation_lib.InputPreparation(aux='files')
+
+  def _download_and_prepare(self, *args, **kwargs):
+    # Set before the split generators run, which may replace it (record_preparation); TFDS
+    # writes the metadata with dataset_info.json once every split is written. (A subclass
+    # whose _info declares no metadata records nothing.)
+    if self.info.metadata is not None:
+      self.info.metadata[preparation_lib.PREPARATION_KEY] = self.DEFAULT_PREPARATION.to_json()
+    return super()._download_and_prepare(*args, **kwargs)
+
+  def record_preparation(self, preparation: preparation_lib.InputPreparation,
+                         **extra) -> None:
+    """Stores how the inputs were prepared (and `extra` JSON-ready facts of the build, e.g.
+    counts) in the dataset's metadata; call from _split_generators, before any example."""
+    if self.info.metadata is None:
+      raise TypeError(f'{type(self).__name__}._info declares no metadata (MetadataDict) to '
+                      'record the input preparation in')
+    self.info.metadata[preparation_lib.PREPARATION_KEY] = preparation.to_json()
+    for key, value in extra.items():
+      self.info.metadata[key] = value

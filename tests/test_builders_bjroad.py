@@ -79,7 +79,7 @@ def test_release_reads_back_identical_pixels(tmp_path):
       np.testing.assert_array_equal(ex['mask'][..., 0], (mask_file == 255).astype(np.uint8))
       assert ex['image'].dtype == ex['aux'].dtype == ex['mask'].dtype == np.uint8
       assert ex['aux'].shape == (SIZE, SIZE, 1) and ex['mask'].shape == (SIZE, SIZE, 1)
-      assert ex['bounds'].dtype == np.float32 and np.all(np.isnan(ex['bounds']))
+      assert ex['bounds'].dtype == np.float64 and np.all(np.isnan(ex['bounds']))
 
 
 def test_seeded_split_ignores_listing_order_and_counts_like_sklearn():
@@ -186,8 +186,9 @@ def test_raw_gps_city_table_with_coordinate_files_places_real_rows(tmp_path):
   builder = build(tmp_path, manual, 'raw_gps')
   examples = {**read_split(builder, 'train'), **read_split(builder, 'validation')}
   tile = examples['0_8']
-  # float32 bounds (the contract) hold 116 degrees to about 8e-6.
-  np.testing.assert_allclose(tile['bounds'], [west, south, east, north], rtol=0, atol=1e-5)
+  # float64 bounds (the contract) hold the corner file's degrees exactly (float32 would be
+  # 8e-6 off at 116 E, 1.4 px of 0.3 m).
+  np.testing.assert_allclose(tile['bounds'], [west, south, east, north], rtol=0, atol=1e-12)
   aux = tile['aux'][..., 0]
   for row, col, _, _ in BJROAD_0_8_ROWS:  # within the 2 px the 5-decimal rounding allows
     assert aux[int(row) - 3:int(row) + 4, int(col) - 3:int(col) + 4].max() > 0, (row, col)

@@ -9,6 +9,7 @@ import pathlib
 
 import numpy as np
 import pytest
+import rasterio
 import rasterio.crs
 import tensorflow_datasets as tfds
 
@@ -33,7 +34,7 @@ def make_area(manual: pathlib.Path, *, spec_overrides=None, spec_name='custom.js
   GPS points as lon/lat columns; returns the spec dict written."""
   manual.mkdir(parents=True, exist_ok=True)
   image = np.full((SIZE, SIZE, 1), 1023, np.uint16)
-  image[0, 0, 0] = 2047  # the maximum makes the automatic bit depth 11
+  image[0, 0, 0] = 2047
   image[5, 5, 0] = 0
   geo_lib.write_geotiff(manual / 'area.tif', image,
                         geo_lib.GeoInfo.from_bounds(BOUNDS, SIZE, SIZE, 'EPSG:4326'))
@@ -53,7 +54,8 @@ def make_area(manual: pathlib.Path, *, spec_overrides=None, spec_name='custom.js
     lon, lat = pixel_centre(row, col)
     rows += [f'{lon!r},{lat!r},{1000 + i}' for i in range(count)]
   (manual / 'gps.csv').write_text('\n'.join(rows) + '\n')
-  spec = {'imagery': 'area.tif', 'roads': 'roads.geojson', 'gps': 'gps.csv', 'tile_size': 16}
+  spec = {'imagery': 'area.tif', 'roads': 'roads.geojson', 'gps': 'gps.csv', 'tile_size': 16,
+          'bit_depth': 11}
   spec.update(spec_overrides or {})
   if spec_name.endswith('.json'):
     (manual / spec_name).write_text(json.dumps(spec))
@@ -112,14 +114,21 @@ def test_synthetic_area_hand_computed_mask_image_heatmap_bounds(tmp_path):
   aux = assemble(examples, 'aux', 1)[..., 0]
   assert aux[3, 4] == 64 and aux[3, 5] == 32 and aux[2, 3] == 16  # 4/16, 2/16, 1/16 of 255
   assert aux[20, 20] == 64 and aux[39, 39] == 64
-  assert np.count_nonzero(aux) == 3 * 9  # three 3x3 blurs; the point at row 50 is off the raster
+  # Three 3x3 blurs; the point at row 50 is off the grid; the blur of (39, 39) reaching row and
+  # column 40 lies in the padding, which is zero in aux as in image and mask.
+  assert np.count_nonzero(aux) == 2 * 9 + 4 and aux[SIZE:].max() == 0 and aux[:, SIZE:].max() == 0
+  # float64 bounds: the tile edges to 1e-12 degrees (float32 would be 1e-6 off at lon 10).
   _, corner = examples['area_0_0']
+  assert corner['bounds'].dtype == np.float64
   np.testing.assert_allclose(corner['bounds'], [WEST, NORTH - 16 * STEP, WEST + 16 * STEP, NORTH],
-                             rtol=0, atol=1e-6)
+                             rtol=0, atol=1e-12)
   _, padded = examples['area_2_2']
   np.testing.assert_allclose(padded['bounds'], [WEST + 32 * STEP, NORTH - 48 * STEP,
                                                 WEST + 48 * STEP, NORTH - 32 * STEP],
-                             rtol=0, atol=1e-6)
+                             rtol=0, atol=1e-12)
+  counts = builder.info.metadata['custom_area']
+  assert (counts['tiles'], counts['padded_tiles'], counts['tiles_left_out']) == (9, 5, 0)
+  assert (counts['gps_points'], counts['gps_points_on_raster']) == (6, 5)
 
 
 def test_yaml_spec_drop_edge_and_splits(tmp_path):
@@ -134,8 +143,19 @@ def test_yaml_spec_drop_edge_and_splits(tmp_path):
   assert [t for t, (s, _) in examples.items() if s == 'validation'] == expected['validation']
 
 
+def write_nbits_copy(path, nbits):
+  """Rewrites a GeoTIFF with GDAL's NBITS creation option (the TIFF records its bit depth)."""
+  with rasterio.open(path) as source:
+    profile, data = source.profile, source.read()
+  path.unlink()
+  with rasterio.open(path, 'w', **{**profile, 'nbits': nbits}) as target:
+    target.write(data)
+
+
 def test_config_spec_with_absolute_paths_needs_no_spec_file(tmp_path):
   make_area(tmp_path / 'area')
+  # No bit_depth in the spec: the file's NBITS tag says 11.
+  write_nbits_copy(tmp_path / 'area' / 'area.tif', 11)
   spec = CustomSpec(imagery=str(tmp_path / 'area' / 'area.tif'),
                     roads=str(tmp_path / 'area' / 'roads.geojson'), tile_size=20,
                     validation_fraction=0.25, test_fraction=0.25)
@@ -143,6 +163,10 @@ def test_config_spec_with_absolute_paths_needs_no_spec_file(tmp_path):
   examples = read_all(builder)
   assert len(examples) == 4
   assert all(ex['aux'].max() == 0 for _, ex in examples.values())  # no GPS: empty heat-map
+  _, corner = examples['area_0_0']
+  assert corner['image'][0, 0].tolist() == [255] * 3 and corner['image'][1, 1, 0] == 127
+  record = builder.info.metadata['input_preparation']
+  assert record['bit_depth'] == 11 and record['tile_size'] == 20
 
 
 def assert_nothing_built(tmp_path):
@@ -159,6 +183,17 @@ def test_bad_inputs_give_named_errors_and_leave_nothing(tmp_path):
     build(tmp_path)
   make_area(manual, spec_overrides={'tile_size': 3})
   with pytest.raises(common.SpecError, match='tile_size'):
+    build(tmp_path)
+  make_area(manual, spec_overrides={'min_valid_fraction': 1.5})
+  with pytest.raises(common.SpecError, match='min_valid_fraction'):
+    build(tmp_path)
+  make_area(manual, spec_overrides={'gps_crs': 'EPSG:999999'})
+  with pytest.raises(common.SpecError, match='gps_crs'):
+    build(tmp_path)
+  # 11-bit data in uint16 without NBITS tag and without bit_depth: the depth is not guessed.
+  make_area(manual, spec_overrides={'bit_depth': None})
+  with pytest.raises(common.UnreadableImageError,
+                     match=r'area\.tif: uint16 samples \(largest 2047\).*set bit_depth'):
     build(tmp_path)
   make_area(manual)
   (manual / 'gps.csv').write_text('lon,lat\n10.0,0.0\n10.0,oops\n')
@@ -240,7 +275,8 @@ def test_spacenet_vegas_gray_tile_matches_published_mask(realdata_dir, tmp_path)
                    for line in VEGAS_CENTERLINES]}))
   (manual / 'custom.json').write_text(json.dumps({
       'imagery': str(vegas / 'AOI_2_Vegas_gray_tile.tif'), 'roads': 'roads.geojson',
-      'tile_size': 650, 'validation_fraction': 0.25, 'test_fraction': 0.25}))
+      'tile_size': 650, 'validation_fraction': 0.25, 'test_fraction': 0.25,
+      'bit_depth': 11}))
   examples = read_all(build(tmp_path))
   assert len(examples) == 4
   mask = assemble(examples, 'mask', 1, tile=650, tiles=2)[..., 0].astype(bool)
@@ -327,3 +363,68 @@ def test_long_diagonal_road_equals_brute_force_distance():
   distance = np.hypot(x - a[0] - t * (b - a)[0], y - a[1] - t * (b - a)[1])
   np.testing.assert_array_equal(mask, (distance <= 1.5).astype(np.uint8))
   assert mask.sum() > 1000
+
+
+# ---------------------------------------------------------------------------
+# Data that cannot be right: errors and warnings with counts.
+
+
+def test_edge_tiles_are_kept_by_their_share_of_raster_pixels(tmp_path, caplog):
+  # 40 px on 16 px tiles: 4 whole tiles, 4 half tiles (8 of 16 rows or columns), 1 quarter tile.
+  make_area(tmp_path / 'manual', spec_overrides={'min_valid_fraction': 0.5})
+  builder = build(tmp_path)
+  assert sorted(read_all(builder)) == [f'area_{r}_{c}' for r in range(3) for c in range(3)
+                                       if (r, c) != (2, 2)]
+  counts = builder.info.metadata['custom_area']
+  assert (counts['tiles'], counts['padded_tiles'], counts['tiles_left_out']) == (8, 4, 1)
+  assert 'custom: 4 of 8 tiles are zero-padded edge tiles (50-50% of their pixels' in caplog.text
+  make_area(tmp_path / 'manual2', spec_overrides={'min_valid_fraction': 0.6})
+  counts = build(tmp_path / 'b', manual='../manual2').info.metadata['custom_area']
+  assert (counts['tiles'], counts['padded_tiles'], counts['tiles_left_out']) == (4, 0, 5)
+
+
+def test_gps_in_the_wrong_crs_is_an_error_that_names_the_crs(tmp_path):
+  manual = tmp_path / 'manual'
+  # UTM metres in a table read as degrees (the default gps_crs EPSG:4326).
+  make_area(manual)
+  (manual / 'gps.csv').write_text('x,y\n500000.0,4000000.0\n')
+  with pytest.raises(common.DatasetFileError,
+                     match=r'gps\.csv: line 2: .*outside lon.*GPS CRS is EPSG:4326.*set gps_crs'):
+    build(tmp_path)
+  # lon/lat degrees declared as UTM 11N metres: every point lands far away (lon -121.5).
+  make_area(manual, spec_overrides={'gps_crs': 'EPSG:32611'})
+  with pytest.raises(common.DatasetFileError,
+                     match=r'gps\.csv: none of the 6 GPS points of 1 file\(s\) falls on the '
+                           r'imagery .*area\.tif: read as gps_crs EPSG:32611.*Set gps_crs'):
+    build(tmp_path)
+  assert_nothing_built(tmp_path)
+
+
+def test_gps_mostly_off_the_raster_is_a_warning_with_counts(tmp_path, caplog):
+  make_area(tmp_path / 'manual')
+  lon, lat = pixel_centre(20, 20)
+  with open(tmp_path / 'manual' / 'gps.csv', 'a') as handle:
+    handle.write(''.join(f'{lon + 1.0!r},{lat!r},0\n' for _ in range(10)))  # 1 degree east
+  counts = build(tmp_path).info.metadata['custom_area']
+  assert (counts['gps_points'], counts['gps_points_on_raster']) == (16, 5)
+  assert 'only 5 of 16 GPS points (31.2%) fall on the imagery' in caplog.text
+
+
+def test_roads_off_the_imagery_are_an_error_or_a_warning_with_counts(tmp_path, caplog):
+  manual = tmp_path / 'manual'
+  make_area(manual)
+  roads = json.loads((manual / 'roads.geojson').read_text())
+  # A third road 1 degree west of the raster: a warning that counts it.
+  far = {'type': 'Feature', 'properties': {}, 'geometry': {
+      'type': 'LineString', 'coordinates': [[WEST - 1.0, NORTH], [WEST - 1.0, NORTH - 0.001]]}}
+  (manual / 'roads.geojson').write_text(json.dumps(
+      {**roads, 'features': roads['features'] + [far]}))
+  counts = build(tmp_path).info.metadata['custom_area']
+  assert (counts['road_geometries'], counts['road_geometries_on_raster']) == (3, 2)
+  assert 'custom: 1 of 3 road geometries of' in caplog.text
+  # Every road elsewhere (e.g. a GeoJSON whose coordinates are not in the CRS it declares):
+  # an error, nothing built.
+  (manual / 'roads.geojson').write_text(json.dumps({**roads, 'features': [far]}))
+  with pytest.raises(common.DatasetFileError,
+                     match=r'roads\.geojson: none of its 1 road geometries overlaps the imagery'):
+    build(tmp_path / 'again', manual='../manual')

@@ -84,6 +84,18 @@ def test_write_read_round_trip_hwc_and_hw(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["heat.tif", "tile.tif"]  # no temporary files left
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_geotiffs_get_the_umask_permissions(tmp_path, umask, mode):
+  """Atomic writes go through mkstemp (0600); the result has what open() would give."""
+  info = geo.GeoInfo.from_bounds((0.0, 0.0, 2.0, 2.0), 2, 2, "EPSG:32611")
+  old = os.umask(umask)
+  try:
+    geo.write_geotiff(tmp_path / "out.tif", np.zeros((2, 2), np.uint8), info)
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / "out.tif").st_mode & 0o777 == mode
+
+
 def test_failed_write_keeps_existing_file(tmp_path):
   info = geo.GeoInfo.from_bounds((0.0, 0.0, 1.0, 1.0), 4, 4)
   path = tmp_path / "mask.tif"

@@ -496,3 +496,23 @@ def test_render_tiles_empty_table_and_many_tiles():
   picked = rng.choice(tile_bounds.shape[0], 40, replace=False)
   np.testing.assert_array_equal(bulk[picked],
                                 _reference_tiles(lon, lat, tile_bounds[picked], 2, 2))
+
+
+def test_tiled_heatmap_normalises_each_grid_tile_by_its_own_maximum():
+  """A 20 x 20 raster on 16 px tiles: the grid is 32 x 32. Tile (1, 1) holds one point at pixel
+  (18, 18) and three at (25, 25), past the raster but inside the padded tile, so its maximum
+  count is 3: (18, 18) gets log 2 / log 4 = 0.5 -> blurred centre 0.5 * 4/16 = 0.125 -> 32.
+  Tile (0, 0)'s single point peaks at 1 -> 64, whatever the other tile holds."""
+  cols = [18.5, 25.5, 25.5, 25.5, 3.5, 40.0, np.nan]
+  rows = [18.5, 25.5, 25.5, 25.5, 2.5, 1.0, 1.0]
+  grid, stats = hm.render_tiled_heatmap_uint8(cols, rows, 20, 20, 16)
+  assert grid.shape == (32, 32) and grid.dtype == np.uint8
+  assert grid[18, 18] == 32 and grid[25, 25] == 64 and grid[2, 3] == 64
+  assert grid[17, 18] == 16  # 0.5 * 2/16 * 255 = 15.9
+  assert (stats.n_total, stats.n_rendered, stats.n_outside, stats.n_nonfinite) == (7, 5, 1, 1)
+  # Each tile equals render_heatmap of its own points alone.
+  alone = hm.heatmap_to_uint8(hm.render_heatmap([2.5, 9.5, 9.5, 9.5],
+                                                          [2.5, 9.5, 9.5, 9.5], 16, 16))
+  np.testing.assert_array_equal(grid[16:, 16:], alone)
+  with pytest.raises(ValueError, match='tile_size'):
+    hm.render_tiled_heatmap_uint8(cols, rows, 20, 20, 0)

@@ -260,7 +260,7 @@ class PipelineTestTiles(tfds.core.GeneratorBasedBuilder):
       yield example['tile_id'], {
           'image': png_bytes(example['image']), 'aux': png_bytes(example['aux']),
           'mask': png_bytes(example['mask']), 'tile_id': example['tile_id'],
-          'bounds': np.array([116.0, 39.0, 116.01, 39.01], np.float32) + index}
+          'bounds': np.array([116.0, 39.0, 116.01, 39.01], np.float64) + index}
 
 
 def png_bytes(array):
@@ -309,3 +309,28 @@ def test_tfds_path_does_not_import_tensorflow(tmp_path):
                           env=env, timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'tensorflow imported: False' in result.stdout
+
+
+def test_a_failing_record_read_names_the_record_and_source():
+  """The generic pipeline (any random-access source): the storage error gets the record and the
+  source's name, and the pipeline's own errors pass unchanged."""
+
+  class Flaky:
+    def __len__(self):
+      return 4
+
+    def __getitem__(self, index):
+      if index == 2:
+        raise RuntimeError("Corrupted Riegeli/records file: chunk header hash mismatch")
+      return {"image": np.zeros((8, 8, 3), np.uint8), "aux": np.zeros((8, 8, 1), np.uint8),
+              "mask": np.zeros((8, 8, 1), np.uint8)}
+
+    def __repr__(self):
+      return "Flaky(split='train')"
+
+  batches = pipeline.eval_batches(Flaky(), global_batch_size=2, shard_index=0, shard_count=1)
+  next(batches)
+  with pytest.raises(pipeline.RecordReadError,
+                     match=r"^record 2 of Flaky\(split='train'\) cannot be read: RuntimeError: "
+                           r"Corrupted Riegeli"):
+    next(batches)

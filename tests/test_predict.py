@@ -5,6 +5,7 @@ pixel can be computed by hand: sliding windows and blending must give back exact
 applied to the whole image.
 """
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from cmmp_jax import inference
 from cmmp_jax import predict
 from cmmp_jax.data import geo as geo_lib
+from cmmp_jax.data import preparation as preparation_lib
 
 UTM_11N = 'EPSG:32611'
 
@@ -217,13 +219,17 @@ def test_ambiguous_aux_files_are_an_error(tmp_path):
 @pytest.mark.filterwarnings('ignore::rasterio.errors.NotGeoreferencedWarning')
 def test_uint16_gray_tiff_uses_the_bit_depth_rule(tmp_path):
   rng = np.random.default_rng(5)
-  gray = rng.integers(0, 2048, size=(17, 19, 1), dtype=np.uint16)
-  gray[0, 0, 0] = 2047  # 11-bit data
+  gray = rng.integers(0, 1024, size=(17, 19, 1), dtype=np.uint16)  # a dark 11-bit raster
   with rasterio.open(tmp_path / 'pan.tif', 'w', driver='GTiff', height=17, width=19, count=1,
                      dtype='uint16') as dataset:
     dataset.write(gray[..., 0], 1)
-  summary = predict.predict_directory(mean_rgb_forward, tmp_path, tmp_path / 'out',
-                                      blank_aux=True, **SETTINGS)
+  # No NBITS tag and no bit depth given: refused, not guessed from the largest value.
+  with pytest.raises(predict.PredictInputError, match=r'pan\.tif: uint16 samples.*bit_depth'):
+    predict.predict_directory(mean_rgb_forward, tmp_path, tmp_path / 'out', blank_aux=True,
+                              **SETTINGS)
+  summary = predict.predict_directory(
+      mean_rgb_forward, tmp_path, tmp_path / 'out', blank_aux=True,
+      preparation=preparation_lib.InputPreparation(bit_depth=11), **SETTINGS)
   expected = np.rint(gray[..., 0] * 255.0 / 2047.0).astype(np.uint8)
   np.testing.assert_array_equal(read_png(tmp_path / 'out' / 'pan_prob.png'), expected)
   # No CRS in the input: PNG outputs only.
@@ -442,3 +448,97 @@ def test_spacenet_vegas_mosaic_is_stitched_exactly(realdata_dir, tmp_path):
       np.rint(expected * 255.0).astype(np.uint8))
   np.testing.assert_array_equal(road[..., 0], np.where(expected > 0.5, 255, 0))
   assert summary['tiles'][0]['height'] == 1300 and '1300 x 1300 px' in lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training scale, input preparation, permissions.
+
+
+def test_inputs_are_seen_at_the_training_scale_and_outputs_come_back_on_the_input_grid():
+  """Tiles of 32 px trained at input_size 16: the forward gets exactly the training pipeline's
+  resized, scaled inputs, and the probabilities are resized back to 32 x 32."""
+  from cmmp_jax.data import pipeline
+  rng = np.random.default_rng(21)
+  image, aux = random_uint8(rng, (32, 32, 3)), random_uint8(rng, (32, 32, 1))
+  seen = []
+
+  def recording_forward(image_batch, aux_batch):
+    seen.append((np.asarray(image_batch)[0].copy(), np.asarray(aux_batch)[0].copy()))
+    return red_forward(image_batch, aux_batch)
+
+  probabilities = predict.predict_arrays(recording_forward, image, aux, window=16, overlap=4,
+                                         batch_size=1, scale=0.5)
+  trained_on = pipeline._ToModelInputs((16, 16), 'reference').map(
+      {'image': image, 'aux': aux, 'mask': np.zeros((32, 32, 1), np.uint8)})
+  assert len(seen) == 1  # one 16 px window: the whole resized tile
+  np.testing.assert_array_equal(seen[0][0], trained_on['image'])
+  np.testing.assert_array_equal(seen[0][1], trained_on['aux'])
+  assert probabilities.shape == (32, 32)
+  # red_forward returns the resized red channel; bilinear back to 32 px (cv2, half-pixel
+  # centres): output pixel (2i + 1, 2j + 1) lies between small pixels i, i + 1 (weights 3/4,
+  # 1/4) and likewise for columns.
+  small = undo_reference(trained_on['image'][..., 0])
+  expected = (9 * small[3, 5] + 3 * small[3, 6] + 3 * small[4, 5] + small[4, 6]) / 16
+  assert probabilities[7, 11] == pytest.approx(expected, abs=1e-6)
+  with pytest.raises(predict.PredictInputError, match='scale'):
+    predict.predict_arrays(red_forward, image, aux, window=16, overlap=4, batch_size=1, scale=0)
+
+
+def test_gps_heatmap_is_normalised_per_dataset_tile_as_the_builders_do(tmp_path):
+  """A 16 x 32 px GeoTIFF with the record's tile_size 16: the left tile has 3 points in one
+  pixel, the right tile 1 point. Each tile is normalised by its own maximum, so both peaks are
+  log(1 + c) / log(1 + c) = 1 -> centre 4/16 of 255 = 64. Normalised over the whole image (no
+  record), the single point is log 2 / log 4 = 0.5 -> 32."""
+  geo = geo_lib.GeoInfo.from_bounds((500000.0, 4000000.0, 500032.0, 4000016.0), 16, 32,
+                                    crs=UTM_11N)
+  geo_lib.write_geotiff(tmp_path / 'scene.tif', np.zeros((16, 32, 3), np.uint8), geo)
+  xs = [500000.0 + 4.5] * 3 + [500000.0 + 20.5]  # columns 4 (x3) and 20, row 7
+  ys = [4000016.0 - 7.5] * 4
+  points = (np.array(xs), np.array(ys))
+  record = preparation_lib.InputPreparation(gps_crs=UTM_11N, tile_size=16)
+  tile = predict.load_tile(tmp_path / 'scene.tif', gps_points=points, preparation=record)
+  assert tile.aux[7, 4, 0] == 64 and tile.aux[7, 20, 0] == 64
+  whole = predict.load_tile(tmp_path / 'scene.tif', gps_points=points,
+                            preparation=preparation_lib.InputPreparation(gps_crs=UTM_11N))
+  assert whole.aux[7, 4, 0] == 64 and whole.aux[7, 20, 0] == 32
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+  write_png(tmp_path / 'a_sat.png', np.zeros((8, 8, 3), np.uint8))
+  write_png(tmp_path / 'a_gps.png', np.zeros((8, 8), np.uint8))
+  umask = os.umask(0o022)
+  try:
+    summary = predict.predict_directory(red_forward, tmp_path, tmp_path / 'out', **SETTINGS)
+  finally:
+    os.umask(umask)
+  for path in summary['written']:
+    assert os.stat(path).st_mode & 0o777 == 0o644, path  # not mkstemp's 0600
+
+
+def test_training_preparation_reads_an_override_file_or_warns_without_a_dataset(tmp_path, capsys):
+  from configs import custom as custom_config
+  config = custom_config.get_config()
+  config.data.data_dir = str(tmp_path / 'no_data')
+  prep, tile_size, origin = predict.training_preparation(config)
+  assert prep == preparation_lib.InputPreparation() and tile_size is None
+  assert 'WARNING: dataset custom/default is not built' in capsys.readouterr().out
+  record = preparation_lib.InputPreparation(bit_depth=11, tile_size=128, gps_crs=UTM_11N)
+  (tmp_path / 'metadata.json').write_text(json.dumps(
+      {'input_preparation': record.to_json(), 'custom_area': {}}))
+  config.predict.preparation = str(tmp_path / 'metadata.json')
+  assert predict.training_preparation(config)[:2] == (record, 128)
+  (tmp_path / 'metadata.json').write_text(json.dumps({'input_preparation': {'bitdepth': 11}}))
+  with pytest.raises(preparation_lib.PreparationError,
+                     match=r'metadata\.json: unknown input preparation field.*bitdepth'):
+    predict.training_preparation(config)
+
+
+def test_a_record_for_wider_imagery_refuses_an_8_bit_file(tmp_path):
+  write_png(tmp_path / 'a_sat.png', np.zeros((8, 8, 3), np.uint8))
+  write_png(tmp_path / 'a_gps.png', np.zeros((8, 8), np.uint8))
+  with pytest.raises(predict.PredictInputError,
+                     match=r'a_sat\.png: uint8 samples but bit_depth 11: the input preparation '
+                           r'was made for 11-bit imagery'):
+    predict.predict_directory(red_forward, tmp_path, tmp_path / 'out',
+                              preparation=preparation_lib.InputPreparation(bit_depth=11),
+                              **SETTINGS)

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import rasterio
 from PIL import Image
 
 from cmmp_jax.data import geo as geo_lib
@@ -25,17 +26,23 @@ def raster(pixels, path='tile.png'):
 # The bit-depth rule.
 
 
-def test_bit_depth_from_the_largest_sample():
-  # Largest 2047 -> b = 11, full scale 2047: 1023 * 255 / 2047 = 127.44 -> 127,
+def test_bit_depth_is_the_setting_or_the_file_record_never_the_data():
+  # b = 11, full scale 2047: 1023 * 255 / 2047 = 127.44 -> 127,
   # 1024 * 255 / 2047 = 127.56 -> 128, 1 * 255 / 2047 = 0.12 -> 0.
   values = np.array([[[0], [1], [1023], [1024], [2047]]], np.uint16)
-  assert reading.samples_to_uint8(values, 'a.tif').ravel().tolist() == [0, 0, 127, 128, 255]
-  # Largest 256 -> b = 9, full scale 511: 256 * 255 / 511 = 127.75 -> 128.
+  assert reading.samples_to_uint8(values, 'a.tif', recorded_bits=11).ravel().tolist() == [
+      0, 0, 127, 128, 255]
+  # The setting wins over the record: b = 9, full scale 511: 256 * 255 / 511 = 127.75 -> 128.
   values = np.array([[[0], [256]]], np.uint16)
-  assert reading.samples_to_uint8(values, 'a.tif').ravel().tolist() == [0, 128]
-  # Largest 100 in uint16 -> b = 8 (never fewer): the values are kept.
-  values = np.array([[[0], [7], [100]]], np.uint16)
-  assert reading.samples_to_uint8(values, 'a.tif').ravel().tolist() == [0, 7, 100]
+  assert reading.samples_to_uint8(values, 'a.tif', bit_depth=9,
+                                  recorded_bits=11).ravel().tolist() == [0, 128]
+  # A dark 11-bit raster (largest 1023) keeps its brightness: 1023 -> 127, not 255.
+  dark = np.array([[[0], [1023]]], np.uint16)
+  assert reading.samples_to_uint8(dark, 'a.tif', bit_depth=11).ravel().tolist() == [0, 127]
+  # Neither: refused, with the largest value and what to set.
+  with pytest.raises(reading.ReadError,
+                     match=r'^a\.tif: uint16 samples \(largest 1023\).*set bit_depth'):
+    reading.samples_to_uint8(dark, 'a.tif')
 
 
 def test_explicit_bit_depth_scales_and_clips():
@@ -85,9 +92,10 @@ def test_band_rule_to_rgb():
   rgb_nir = raster(np.array([[[1, 2, 3, 4]]], np.uint8))
   assert reading.to_rgb_uint8(rgb_nir)[0, 0].tolist() == [1, 2, 3]
   assert reading.to_rgb_uint8(rgb_nir, bands=(4, 3, 1))[0, 0].tolist() == [4, 3, 1]
-  # The bit depth comes from the bands used: the selected band's max 2047 -> b = 11, although
-  # band 2 holds 60000 (2047 -> 255, 1023 -> 127).
-  wide = raster(np.array([[[2047, 60000]], [[1023, 0]]], np.uint16))
+  # The raster's recorded bits (b = 11) apply: 2047 -> 255, 1023 -> 127; band 2's 60000 is
+  # not selected.
+  wide = reading.Raster(pixels=np.array([[[2047, 60000]], [[1023, 0]]], np.uint16), geo=None,
+                        path=pathlib.Path('wide.tif'), bits=11)
   assert reading.to_rgb_uint8(wide, bands=(1,))[..., 0].ravel().tolist() == [255, 127]
 
 
@@ -123,6 +131,7 @@ def test_read_raster_keeps_stored_samples(tmp_path):
   read = reading.read_raster(tmp_path / 'deep.png')
   assert read.pixels.shape == (2, 2, 1) and read.geo is None
   assert read.pixels[..., 0].tolist() == [[0, 300], [2047, 65535]]
+  assert read.bits is None  # a 16-bit PNG does not say how many bits its sensor had
 
   palette = Image.fromarray(np.array([[0, 1]], np.uint8), mode='P')
   palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
@@ -135,6 +144,16 @@ def test_read_raster_keeps_stored_samples(tmp_path):
   read = reading.read_raster(tmp_path / 'geo.TIF')
   assert read.pixels[1, 2].tolist() == [15, 16, 17]
   assert read.geo.crs.to_epsg() == 4326 and read.geo.transform == geo.transform
+  assert read.bits == 8
+
+  # A TIFF written with GDAL's NBITS=12 records its bit depth.
+  with rasterio.open(tmp_path / 'twelve.tif', 'w', driver='GTiff', height=1, width=2, count=1,
+                     dtype='uint16', nbits=12) as dataset:
+    dataset.write(np.array([[4095, 2048]], np.uint16), 1)
+  twelve = reading.read_raster(tmp_path / 'twelve.tif')
+  assert twelve.bits == 12
+  # 2048 * 255 / 4095 = 127.53 -> 128.
+  assert reading.to_rgb_uint8(twelve)[0, :, 0].tolist() == [255, 128]
 
 
 def test_unreadable_files_name_the_file(tmp_path):
@@ -172,7 +191,9 @@ def test_explicit_columns_and_projected_coordinates(tmp_path):
     reading.read_gps_csv(path, lon_column='E', lat_column='Northing', degrees=False)
   x, y = reading.read_gps_csv(path, lon_column='easting', lat_column='NORTHING', degrees=False)
   assert x.tolist() == [500000.5] and y.tolist() == [4000000.0]
-  with pytest.raises(reading.ReadError, match=r'utm\.csv: line 2: .*outside lon'):
+  # UTM metres read as degrees: the message names the CRS and how to declare the right one.
+  with pytest.raises(reading.ReadError, match=r'utm\.csv: line 2: .*outside lon.*GPS CRS is '
+                     r'EPSG:4326.*set gps_crs'):
     reading.read_gps_csv(path, lon_column='easting', lat_column='northing')
 
 

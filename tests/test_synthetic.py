@@ -379,7 +379,7 @@ def test_default_builder_configs():
               128, 64, 16, 16)
   assert configs['large'].city.size == 512
   assert configs['lidar'].aux_kind == 'lidar' and configs['gps_channels'].aux_channels == 4
-  assert str(Synthetic.VERSION) == '1.0.0'
+  assert str(Synthetic.VERSION) == '1.2.0'
 
 
 def _version_dirs_that_look_built(root: pathlib.Path):
@@ -402,7 +402,7 @@ def test_failed_build_leaves_nothing_that_looks_built(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match='injected failure'):
     build_lib.build('synthetic', tmp_path, config='tiny')
   assert len(calls) == 3
-  version_dir = tmp_path / 'synthetic' / 'tiny' / '1.0.0'
+  version_dir = tmp_path / 'synthetic' / 'tiny' / '1.2.0'
   assert not version_dir.exists()
   assert _version_dirs_that_look_built(tmp_path) == []
   assert not build_lib.is_built('synthetic', tmp_path, 'tiny')
@@ -439,7 +439,7 @@ def test_killed_build_is_rebuilt_by_ensure_built(tmp_path):
 
   build_lib.ensure_built('synthetic', tmp_path, 'tiny')
   assert not any(p.exists() for p in leftovers)
-  assert _version_dirs_that_look_built(tmp_path) == [config_dir / '1.0.0']
+  assert _version_dirs_that_look_built(tmp_path) == [config_dir / '1.2.0']
   _assert_matches_generator(tmp_path)
 
 
@@ -454,7 +454,7 @@ def test_failed_overwrite_keeps_the_previous_build(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match='injected failure'):
     build_lib.build('synthetic', tmp_path, config='tiny', overwrite=True)
   assert (version_dir / 'dataset_info.json').read_bytes() == before
-  assert not (version_dir.parent / '.replaced-1.0.0').exists()
+  assert not (version_dir.parent / '.replaced-1.2.0').exists()
   monkeypatch.undo()
   _assert_matches_generator(tmp_path)
   assert build_lib.build('synthetic', tmp_path, config='tiny', overwrite=True) == version_dir
@@ -482,10 +482,10 @@ def test_cli_builds_reuses_and_reports_errors(tmp_path):
   first = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
   assert first.returncode == 0, first.stderr[-3000:]
-  version_dir = tmp_path / 'synthetic' / 'tiny' / '1.0.0'
+  version_dir = tmp_path / 'synthetic' / 'tiny' / '1.2.0'
   assert first.stdout.strip().splitlines()[-1] == str(version_dir)
-  assert 'building synthetic/tiny 1.0.0' in first.stderr
-  assert 'built synthetic/tiny 1.0.0' in first.stderr and 'train 4' in first.stderr
+  assert 'building synthetic/tiny 1.2.0' in first.stderr
+  assert 'built synthetic/tiny 1.2.0' in first.stderr and 'train 4' in first.stderr
   second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
   assert second.returncode == 0 and 'already built' in second.stderr

@@ -118,6 +118,12 @@ def test_eval_mode_writes_metrics_json(trained):
   assert saved["num_tiles"] == 2 and saved["g_iou"] == pytest.approx(result["g_iou"])
   for key in ("g_iou", "a_iou", "mean_tile_iou", "precision", "recall", "f1"):
     assert key in saved
+  # graph metrics (config.eval.graph_metrics, on by default; tests/test_graph_eval.py)
+  for key in ("apls", "topo_precision", "topo_recall", "topo_f1"):
+    assert 0.0 <= saved[key] <= 1.0
+  assert saved["graph_gt_source"] == "from vector labels" and saved["num_graph_tiles"] == 2
+  assert [t["tile_id"] for t in saved["graph_tiles"]] == ["test_00000", "test_00001"]
+  assert saved["metres_per_pixel_source"].startswith("synthetic city generator")
 
 
 @pytest.mark.slow
@@ -129,8 +135,9 @@ def test_predict_writes_road_maps_of_test_tiles(trained, tmp_path):
                                                 "predict.window": 64, "predict.overlap": 16})
   summary = predict.predict_from_checkpoint(config, str(workdir))
   names = sorted(pathlib.Path(p).name for p in summary["written"])
-  assert names == ["test_00000_label.png", "test_00000_prob.png", "test_00000_road.png",
-                   "test_00001_label.png", "test_00001_prob.png", "test_00001_road.png"]
+  # config.graph.enabled (default): each tile's road graph (cmmp_jax.graphs) too.
+  assert names == [f"test_0000{i}_{name}" for i in (0, 1) for name in (
+      "graph.geojson", "graph.graphml", "label.png", "overlay.png", "prob.png", "road.png")]
   from PIL import Image
   road = np.asarray(Image.open(tmp_path / "pred" / "test_00000_road.png"))
   assert road.shape == (64, 64) and set(np.unique(road)) <= {0, 255}
@@ -236,7 +243,8 @@ def test_a_resumed_run_says_which_learning_rate_it_uses(capsys, schedule, step, 
 @pytest.mark.slow
 @pytest.mark.parametrize("at_step", [2, 3])
 def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch, at_step):
-  """Preemption: SIGTERM during step 2 -> the run saves step 2 and returns; a rerun resumes.
+  """Preemption: SIGTERM during step 2 -> the run saves step 2 and raises PreemptedError (main.py
+  exits with status 143, tests/test_reliability.py); a rerun resumes.
   During step 3, whose regular checkpoint is written just before the signal is seen, that
   checkpoint is the preemption save (no second save of the same step)."""
   import os
@@ -257,7 +265,9 @@ def test_sigterm_saves_and_exits(trained, tmp_path, monkeypatch, at_step):
 
   monkeypatch.setattr(steps, "make_train_step", make_step_that_gets_preempted)
   run = tmp_path / "preempted"
-  train.train_and_evaluate(config, str(run))
+  with pytest.raises(train.PreemptedError, match=f"saved step {at_step} in"):
+    train.train_and_evaluate(config, str(run))
+  assert not (run / "train_summary.json").exists()  # the run did not finish
   assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
       str(at_step)]
   if at_step == 2:  # resuming from either save is the same code path: test it once

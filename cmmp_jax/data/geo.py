@@ -217,13 +217,24 @@ def read_geotiff(path) -> tuple[np.ndarray, GeoInfo]:
   return np.ascontiguousarray(np.moveaxis(bands, 0, -1)), geo
 
 
+def new_file_mode() -> int:
+  """The permissions open() gives a new file here: 0o666 less the process's umask.
+
+  Atomic writes go through tempfile.mkstemp, which creates files 0600; outputs get this mode
+  before they replace their destination, so others can read them as they could any new file.
+  """
+  umask = os.umask(0)  # reading the umask means setting it; put it back at once
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 def write_geotiff(path, array, geo: GeoInfo, *, compress: str | None = "lzw",
                   nodata: float | None = None) -> None:
   """Writes an (H, W) or (H, W, C) array as a GeoTIFF, atomically.
 
   The raster goes to a temporary file in the destination folder, which then replaces path with
   os.replace: readers never see a half-written file and a failed write leaves an existing file
-  untouched.
+  untouched. The file gets new_file_mode() (0666 less the umask).
 
   Args:
     path: destination .tif.
@@ -270,6 +281,7 @@ def write_geotiff(path, array, geo: GeoInfo, *, compress: str | None = "lzw",
       profile["nodata"] = nodata
     with rasterio.open(temp_name, "w", **profile) as dataset:
       dataset.write(np.moveaxis(array, -1, 0))
+    os.chmod(temp_name, new_file_mode())  # mkstemp's 0600 -> the usual permissions
     os.replace(temp_name, path)
   except rasterio.errors.RasterioError as error:
     _remove_quietly(temp_name)

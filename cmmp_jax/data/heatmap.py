@@ -353,6 +353,62 @@ def heatmap_to_uint8(heatmap) -> np.ndarray:
   return np.rint(heatmap.astype(np.float64) * 255.0).astype(np.uint8)
 
 
+def grid_extent(height: int, width: int, tile_size: int) -> tuple[int, int]:
+  """(rows, cols) of pixels covered by the tile grid of an H x W raster: H and W rounded up to
+  whole tiles of tile_size (the right/bottom tiles are padded past the raster's edge)."""
+  height, width = _check_size(height, width)
+  if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 1:
+    raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+  return -(-height // tile_size) * tile_size, -(-width // tile_size) * tile_size
+
+
+def render_tiled_heatmap_uint8(cols, rows, height: int, width: int, tile_size: int
+                               ) -> tuple[np.ndarray, RenderStats]:
+  """The uint8 heat-map of a raster cut into a grid of tile_size tiles, each tile normalised by
+  its own maximum: the dataset builders' tiles, and prediction's aux, come from this one function.
+
+  The grid starts at the raster's top-left pixel; tile (i, j) covers rows [i*T, (i+1)*T) and cols
+  [j*T, (j+1)*T), T = tile_size, and the last row/column of tiles reaches past the raster (as
+  the builders' zero-padded edge tiles do: a point there still counts for its tile's maximum).
+  Every tile is heatmap_to_uint8(render_heatmap(points of the tile in tile coordinates, T, T)),
+  so the heat-map of one tile does not depend on its neighbours' traffic, and the same tile
+  comes out bit-identical whether it is rendered alone or as part of a mosaic.
+
+  Args:
+    cols, rows: float pixel coordinates of the raster (see the module's convention).
+    height, width: raster size.
+    tile_size: grid step T (the dataset's tile size).
+
+  Returns:
+    (heatmap, stats): uint8 (Hg, Wg), (Hg, Wg) = grid_extent(height, width, tile_size); crop
+    [:height, :width] for the raster. stats counts points inside the grid's extent as rendered.
+  """
+  grid_height, grid_width = grid_extent(height, width, tile_size)
+  cols, rows = _points(cols, rows)
+  out = np.zeros((grid_height, grid_width), np.uint8)
+  finite = np.isfinite(cols) & np.isfinite(rows)
+  inside = finite & (cols >= 0) & (cols < grid_width) & (rows >= 0) & (rows < grid_height)
+  index = np.flatnonzero(inside)
+  tile_rows = (rows[index] // tile_size).astype(np.int64)
+  tile_cols = (cols[index] // tile_size).astype(np.int64)
+  n_tile_cols = grid_width // tile_size
+  keys = tile_rows * n_tile_cols + tile_cols
+  order = np.argsort(keys, kind="stable")
+  keys, index = keys[order], index[order]
+  starts = np.flatnonzero(np.diff(keys)) + 1
+  for chunk in np.split(np.arange(keys.size), starts) if keys.size else ():
+    tile_row, tile_col = divmod(int(keys[chunk[0]]), n_tile_cols)
+    row0, col0 = tile_row * tile_size, tile_col * tile_size
+    points = index[chunk]
+    heatmap = render_heatmap(cols[points] - col0, rows[points] - row0, tile_size, tile_size)
+    out[row0:row0 + tile_size, col0:col0 + tile_size] = heatmap_to_uint8(heatmap)
+  n_total = int(cols.size)
+  n_nonfinite = int(np.count_nonzero(~finite))
+  n_rendered = int(index.size)
+  return out, RenderStats(n_total=n_total, n_rendered=n_rendered,
+                          n_outside=n_total - n_rendered - n_nonfinite, n_nonfinite=n_nonfinite)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sun et al.'s extra channels.
 

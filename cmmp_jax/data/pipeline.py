@@ -60,6 +60,12 @@ class PipelineError(ValueError):
   """Invalid pipeline arguments (batch size, sharding, sizes, scaling) or an unusable source."""
 
 
+class RecordReadError(RuntimeError):
+  """A record of a source could not be read or decoded (a damaged file, typically); the message
+  names the record and the source (data.integrity.DatasetDamagedError, a subclass, names the
+  file, split, dataset and the command that rebuilds it)."""
+
+
 def scale_inputs(array: np.ndarray, scaling: str = 'reference') -> np.ndarray:
   """Scales uint8 pixels to float32 model inputs.
 
@@ -124,7 +130,16 @@ class _NamedSource:
     return self._num_records
 
   def __getitem__(self, index: int) -> Any:
-    return self._source[index]
+    try:
+      return self._source[index]
+    except (RecordReadError, ExampleError, IndexError):
+      raise
+    except Exception as error:  # e.g. RuntimeError('Corrupted Riegeli/records file: ...')
+      # Reads run in grain's threads, far from the source's name: say which record of which
+      # source failed, not only what the storage library saw.
+      raise RecordReadError(
+          f"record {index} of {self._repr} cannot be read: {type(error).__name__}: "
+          f"{error}") from error
 
   def __repr__(self) -> str:
     return self._repr

@@ -14,9 +14,12 @@ Bands -> RGB (to_rgb_uint8), unless bands are named explicitly: 1 band = gray (r
 
 Sample values -> uint8, the 'bit_depth' rule (samples_to_uint8): uint8 is kept; other
   non-negative integers (e.g. 11-bit values in uint16) map x -> round(x * 255 / (2**b - 1)),
-  clipped, where b = bit_depth when given, else the smallest b >= 8 with 2**b > the largest
-  value of the bands used (max 2047 -> b = 11); bool maps to 0/255; floats must lie in [0, 1]
-  and map to round(x * 255). Negative values, NaN and out-of-range floats are errors.
+  clipped, where the bit depth b is, first match wins: the bit_depth setting; the bit depth the
+  file records (Raster.bits: a TIFF's NBITS tag, 8 for uint8 samples); else the samples are
+  refused with an error that asks for a bit_depth setting. b is never guessed from the data
+  (a dark 11-bit raster would come out twice as bright as a bright one, and two rasters of one
+  sensor could disagree). bool maps to 0/255; floats must lie in [0, 1] and map to
+  round(x * 255). Negative values, NaN and out-of-range floats are errors.
 
 Bands -> C channels (to_channels_uint8): a raster with exactly C bands is kept; for C = 1 a
   gray + alpha raster drops alpha and an RGB(A) raster becomes luma 0.299 R + 0.587 G +
@@ -79,10 +82,14 @@ class Raster:
   pixels: (H, W, C) samples in the file's dtype, bands last (RGB order for PNG/JPEG).
   geo: the georeference of a TIFF with a CRS, else None.
   path: the file.
+  bits: significant bits per sample that the file records: a TIFF's NBITS tag (GDAL's
+    IMAGE_STRUCTURE metadata, e.g. 11 or 12), else 8 for uint8 samples, else None (unknown:
+    a uint16 file says only that its samples fit in 16 bits).
   """
   pixels: np.ndarray
   geo: geo_lib.GeoInfo | None
   path: pathlib.Path
+  bits: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +114,27 @@ def read_raster(path: os.PathLike | str) -> Raster:
                     f'{IMAGE_EXTENSIONS}')
   if extension in TIFF_EXTENSIONS:
     return _read_tiff(path)
-  return Raster(pixels=_read_pil(path), geo=None, path=path)
+  pixels = _read_pil(path)
+  return Raster(pixels=pixels, geo=None, path=path, bits=_dtype_bits(pixels.dtype))
+
+
+def _dtype_bits(dtype: np.dtype) -> int | None:
+  """8 for uint8 samples (their range is their bit depth), else None."""
+  return 8 if dtype == np.uint8 else None
+
+
+def _tiff_nbits(path: pathlib.Path) -> int | None:
+  """A TIFF's NBITS (significant bits of band 1, GDAL IMAGE_STRUCTURE metadata), or None."""
+  try:
+    with rasterio.open(path) as dataset:
+      value = dataset.tags(1, ns='IMAGE_STRUCTURE').get('NBITS')
+  except rasterio.errors.RasterioError:
+    return None
+  try:
+    bits = int(value) if value is not None else None
+  except ValueError:
+    return None
+  return bits if bits is not None and 1 <= bits <= 32 else None
 
 
 def _read_tiff(path: pathlib.Path) -> Raster:
@@ -120,7 +147,9 @@ def _read_tiff(path: pathlib.Path) -> Raster:
       raise ReadError(path, f'cannot decode TIFF ({error.__cause__ or error})') from error
   if pixels.ndim != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
     raise ReadError(path, f'empty raster of shape {pixels.shape}')
-  return Raster(pixels=pixels, geo=geo if geo.crs is not None else None, path=path)
+  bits = _tiff_nbits(path) if np.issubdtype(pixels.dtype, np.integer) else None
+  return Raster(pixels=pixels, geo=geo if geo.crs is not None else None, path=path,
+                bits=bits or _dtype_bits(pixels.dtype))
 
 
 def _read_pil(path: pathlib.Path) -> np.ndarray:
@@ -151,39 +180,50 @@ def _read_pil(path: pathlib.Path) -> np.ndarray:
 # Samples and bands to uint8.
 
 
+def check_bit_depth(bit_depth, what: str = 'bit_depth') -> None:
+  """Raises ValueError unless bit_depth is None or an integer in [1, 32]."""
+  if bit_depth is not None and (isinstance(bit_depth, bool) or not isinstance(
+      bit_depth, (int, np.integer)) or not 1 <= bit_depth <= 32):
+    raise ValueError(f'{what} must be an integer in [1, 32] or None; got {bit_depth!r}')
+
+
 def samples_to_uint8(samples: np.ndarray, path: os.PathLike | str, *,
-                     bit_depth: int | None = None) -> np.ndarray:
+                     bit_depth: int | None = None,
+                     recorded_bits: int | None = None) -> np.ndarray:
   """Maps raster samples to uint8 by the 'bit_depth' rule (module docstring).
 
   Args:
     samples: (H, W, C) array of any integer, bool or float dtype.
     path: the file they came from (named in errors).
-    bit_depth: integer data's bit depth b (x -> round(x * 255 / (2**b - 1)), clipped); None
-      picks the smallest b >= 8 that holds the largest sample.
+    bit_depth: integer data's bit depth b (x -> round(x * 255 / (2**b - 1)), clipped), the
+      setting; None uses recorded_bits.
+    recorded_bits: the bit depth the file records (Raster.bits); used when bit_depth is None.
 
   Returns:
-    uint8 (H, W, C). uint8 input is returned unchanged when bit_depth is None or 8.
+    uint8 (H, W, C). uint8 input is returned unchanged when the bit depth is 8 (or unset).
 
   Raises:
     ValueError: bit_depth is not None or an integer in [1, 32].
-    ReadError: negative integers, NaN/inf, floats outside [0, 1], or another dtype.
+    ReadError: integers wider than 8 bits with neither bit_depth nor recorded_bits, negative
+      integers, NaN/inf, floats outside [0, 1], or another dtype.
   """
-  if bit_depth is not None and (isinstance(bit_depth, bool) or not isinstance(bit_depth, int)
-                                or not 1 <= bit_depth <= 32):
-    raise ValueError(f'bit_depth must be an integer in [1, 32] or None; got {bit_depth!r}')
+  check_bit_depth(bit_depth)
   if samples.dtype == np.bool_:
     return samples.astype(np.uint8) * np.uint8(255)
-  if samples.dtype == np.uint8 and bit_depth in (None, 8):
+  bits = bit_depth if bit_depth is not None else recorded_bits
+  if samples.dtype == np.uint8 and bits in (None, 8):
     return samples
   if np.issubdtype(samples.dtype, np.integer):
     if samples.size and samples.min() < 0:
       raise ReadError(path, f'negative sample values (min {samples.min()}); cannot map them '
                       'to 8 bits')
-    bits = bit_depth
     if bits is None:
       largest = int(samples.max()) if samples.size else 0
-      bits = max(8, largest.bit_length())
-    full_scale = float(2**bits - 1)
+      raise ReadError(path, f'{samples.dtype} samples (largest {largest}) and the file records '
+                      'no bit depth (no NBITS tag): set bit_depth to the sensor\'s bit depth '
+                      '(e.g. 11 for WorldView/SpaceNet 11-bit data, 16 for full-range 16-bit), '
+                      "or use scaling 'percentile'")
+    full_scale = float(2**int(bits) - 1)
     scaled = np.clip(samples.astype(np.float64) / full_scale, 0.0, 1.0) * 255.0
     return np.rint(scaled).astype(np.uint8)
   if np.issubdtype(samples.dtype, np.floating):
@@ -224,8 +264,10 @@ def select_rgb_bands(raster: Raster, bands: Sequence[int] | None = None) -> np.n
 
 def to_rgb_uint8(raster: Raster, *, bands: Sequence[int] | None = None,
                  bit_depth: int | None = None) -> np.ndarray:
-  """Raster -> uint8 (H, W, 3) RGB: select_rgb_bands, then samples_to_uint8, gray replicated."""
-  rgb = samples_to_uint8(select_rgb_bands(raster, bands), raster.path, bit_depth=bit_depth)
+  """Raster -> uint8 (H, W, 3) RGB: select_rgb_bands, then samples_to_uint8 (bit_depth, else
+  the file's recorded bits), gray replicated."""
+  rgb = samples_to_uint8(select_rgb_bands(raster, bands), raster.path, bit_depth=bit_depth,
+                         recorded_bits=raster.bits)
   if rgb.shape[2] == 1:
     rgb = np.repeat(rgb, 3, axis=2)
   return np.ascontiguousarray(rgb)
@@ -240,7 +282,7 @@ def to_channels_uint8(raster: Raster, channels: int) -> np.ndarray:
   Raises:
     ReadError: the band count cannot give `channels` channels, or samples_to_uint8 fails.
   """
-  values = samples_to_uint8(raster.pixels, raster.path)
+  values = samples_to_uint8(raster.pixels, raster.path, recorded_bits=raster.bits)
   n_bands = values.shape[2]
   if n_bands == channels:
     return np.ascontiguousarray(values)
@@ -258,8 +300,8 @@ def to_channels_uint8(raster: Raster, channels: int) -> np.ndarray:
 
 def read_gps_csv(csv_paths: os.PathLike | str | Sequence[os.PathLike | str], *,
                  gps_format: str = 'auto', lon_column: str | None = None,
-                 lat_column: str | None = None,
-                 degrees: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 lat_column: str | None = None, degrees: bool = True,
+                 crs_name: str = 'EPSG:4326') -> tuple[np.ndarray, np.ndarray]:
   """Every GPS point of one or more CSV files.
 
   Args:
@@ -270,7 +312,9 @@ def read_gps_csv(csv_paths: os.PathLike | str | Sequence[os.PathLike | str], *,
     lon_column, lat_column: the x and y column names of a 'columns' table, case-insensitive;
       None looks for LON_COLUMNS / LAT_COLUMNS.
     degrees: the columns hold lon/lat degrees, so a value outside lon [-180, 180] / lat
-      [-90, 90] is an error (swapped columns); False for projected coordinates.
+      [-90, 90] is an error (projected coordinates such as UTM metres read as degrees, or
+      swapped columns); False for projected coordinates.
+    crs_name: the CRS the coordinates are declared in, named in that error.
 
   Returns:
     (x, y) float64 (N,) arrays: lon, lat for degrees (always for 'porto').
@@ -286,14 +330,15 @@ def read_gps_csv(csv_paths: os.PathLike | str | Sequence[os.PathLike | str], *,
     csv_paths = [csv_paths]
   xs, ys = [np.zeros(0)], [np.zeros(0)]
   for path in (pathlib.Path(p) for p in csv_paths):
-    x, y = _read_one_gps_csv(path, gps_format, lon_column, lat_column, degrees)
+    x, y = _read_one_gps_csv(path, gps_format, lon_column, lat_column, degrees, crs_name)
     xs.append(x)
     ys.append(y)
   return np.concatenate(xs), np.concatenate(ys)
 
 
 def _read_one_gps_csv(path: pathlib.Path, gps_format: str, lon_column: str | None,
-                      lat_column: str | None, degrees: bool) -> tuple[np.ndarray, np.ndarray]:
+                      lat_column: str | None, degrees: bool,
+                      crs_name: str = 'EPSG:4326') -> tuple[np.ndarray, np.ndarray]:
   if not path.is_file():
     raise ReadError(path, 'GPS CSV not found')
   try:
@@ -327,8 +372,11 @@ def _read_one_gps_csv(path: pathlib.Path, gps_format: str, lon_column: str | Non
         if not (math.isfinite(x) and math.isfinite(y)):
           raise ReadError(path, f'line {reader.line_num}: NaN/inf coordinate')
         if degrees and (abs(x) > 180 or abs(y) > 90):
-          raise ReadError(path, f'line {reader.line_num}: ({x}, {y}) is outside lon '
-                          '[-180, 180] / lat [-90, 90] (are the columns swapped?)')
+          raise ReadError(
+              path, f'line {reader.line_num}: ({x}, {y}) is outside lon [-180, 180] / lat '
+              f'[-90, 90], but the GPS CRS is {crs_name} (degrees): if these are projected '
+              'coordinates (e.g. UTM metres), set gps_crs to their CRS (e.g. EPSG:32611); '
+              f'else check that {x_name}/{y_name} are not swapped')
         xs.append(x)
         ys.append(y)
     except csv.Error as error:

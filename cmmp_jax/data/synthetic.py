@@ -798,6 +798,10 @@ def generate_tile(seed: int, size: int | None = None,
         canopy), 'gps_free_road' (road pixels with no fix within 3 px * S/128), 'canopy',
         'building', 'river', 'rail', 'grey_roof'.
       'num_roads', 'num_roads_without_gps': ints, counting roads that enter the tile.
+      'road_lines': list of float64 (N, 2) (x, y) = (col, row) centrelines of the roads that
+        enter the tile, as drawn into the mask (pixel centres at integers; they run past the
+        tile's edges). A local street starts exactly on its parent road's polyline; crossing
+        roads are not split at their crossings (cmmp_jax.graph_eval nodes them).
   """
   config = config or SyntheticConfig()
   if size is None:
@@ -901,6 +905,7 @@ def generate_tile(seed: int, size: int | None = None,
       'layers': layers,
       'num_roads': len(in_tile),
       'num_roads_without_gps': sum(not r.has_gps for r in in_tile),
+      'road_lines': [r.points.astype(np.float64) for r in in_tile],
   }
 
 

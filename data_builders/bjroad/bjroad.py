@@ -56,6 +56,7 @@ from PIL import Image
 
 from cmmp_jax.data import fog as fog_lib
 from cmmp_jax.data import heatmap as heatmap_lib
+from cmmp_jax.data import preparation as preparation_lib
 from cmmp_jax.data import reading
 from data_builders import common
 
@@ -373,8 +374,9 @@ def tile_fog_seed(fog_seed: int, tile_id: str) -> int:
 class Bjroad(common.RoadTileBuilder):
   """BJRoad aerial images + GPS (Sun et al., CVPR 2019)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'float64 bounds; input preparation recorded in the metadata.'}
   BUILDER_CONFIGS = [
       BjroadConfig(name='release', gps='release',
                    description='CMMPNet release layout with pre-rendered heat-maps.'),
@@ -425,6 +427,11 @@ class Bjroad(common.RoadTileBuilder):
     if config.gps == 'release':
       return {name: self._generate_examples(self._release_examples(root, tiles))
               for name, tiles in splits.items()}
+    if tuple(config.channels) == ('heatmap',):
+      # Heat-maps rendered here from lon/lat GPS, each tile normalised by its own maximum:
+      # what prediction renders from a GPS CSV on a tile with a bounds sidecar. (The tile
+      # size is not known before the images are read; prediction takes the dataset's.)
+      self.record_preparation(preparation_lib.InputPreparation(aux='gps_heatmap'))
     return self._raw_split_generators(root, splits)
 
   def _generate_examples(self, examples: Iterator):

@@ -13,18 +13,27 @@ Inputs (paths in a spec, see below):
             [lon, lat] lists) or any CSV with lon/lat columns (names: lon,
             longitude, lng, x / lat, latitude, y, case-insensitive; or set
             lon_column/lat_column), read by reading.read_gps_csv. Coordinates in
-            gps_crs (default EPSG:4326; for a geographic CRS, values outside
-            [-180, 180] / [-90, 90] are errors). Without gps the aux heat-map is
-            all zero (image-only data).
+            gps_crs (default EPSG:4326 lon/lat; UTM metres need e.g. EPSG:32611;
+            for a geographic CRS, values outside [-180, 180] / [-90, 90] are
+            errors that name the CRS). Without gps the aux heat-map is all zero
+            (image-only data).
+
+Preparation: the image, GPS and heat-map steps below are cmmp_jax.data.preparation's
+(the functions prediction uses), with the spec's bands, scaling, bit_depth,
+percentiles, gps_format, lon/lat_column, gps_crs and tile_size; what was applied
+(the bit depth, the percentile stretch values) is recorded in the dataset's
+metadata (metadata.json, key 'input_preparation'), with the build's counts
+under 'custom_area'. `--mode=predict` reuses the record.
 
 Processing:
   - Image to uint8 ('scaling'): 'bit_depth' (default) is reading's rule
     (reading.samples_to_uint8): x -> round(x * 255 / (2**b - 1)), clipped, with
-    b = bit_depth, or when unset the smallest b >= 8 with 2**b > max value of
-    the selected bands (an 11-bit image whose maximum is 2047 gives b = 11);
-    uint8 data is kept as is and float data in [0, 1] is multiplied by 255.
-    'percentile' stretches each band linearly from its `percentiles` (default
-    2, 98) over the whole raster to 0..255.
+    b = bit_depth, or when unset the bit depth the GeoTIFF records (its NBITS
+    tag); integer imagery wider than 8 bits with neither is an error (set
+    bit_depth: 11 for SpaceNet/WorldView 11-bit data). uint8 data is kept as is
+    and float data in [0, 1] is multiplied by 255. 'percentile' stretches each
+    band linearly from its `percentiles` (default 2, 98) over the whole raster
+    to 0..255; the record keeps the stretch values.
   - Road mask: a pixel is road when its centre lies within road_width_m / 2
     metres of a centerline (a round-capped buffer of total width road_width_m,
     like solaris' road_mask(width, meters=True)); a centerline leaving the
@@ -35,12 +44,23 @@ Processing:
     road_mask(width=4, meters=True)): on the AOI_2_Vegas gray sample tile with
     its centerlines the mask built here agrees with the published mask on all
     but 3 of 1.69M pixels (IoU 0.9999).
-  - Heat-map: GPS points projected to raster pixels (rasterio), bucketed per
-    tile and rendered by cmmp_jax.data.heatmap.render_heatmap (1 channel).
-  - Tiles of tile_size x tile_size pixels from the top-left corner; partial
-    tiles at the right/bottom edge are zero-padded (edge='pad', mask 0 there)
-    or skipped (edge='drop'). Tile id '{name}_{tile_row}_{tile_col}'. Bounds
-    are the lon/lat box (degrees) of the full tile window.
+  - Heat-map: GPS points projected to raster pixels (rasterio) and rendered by
+    heatmap.render_tiled_heatmap_uint8 on the grid of tiles (1 channel), each
+    tile normalised by its own maximum count.
+  - Tiles of tile_size x tile_size pixels from the top-left corner. Partial
+    tiles at the right/bottom edge (the raster is not a multiple of tile_size)
+    are zero-padded (edge='pad': image, heat-map and mask 0 past the raster)
+    when at least min_valid_fraction (default 0: every one) of their pixels lie
+    on the raster, else left out; edge='drop' leaves out every partial tile.
+    The build logs how many padded tiles it kept; with small areas they can be
+    a large share of a split. Tile id '{name}_{tile_row}_{tile_col}'. Bounds
+    are the lon/lat box (float64 degrees) of the full tile window.
+  - Checks: GPS given but no point on the raster (coordinates in another CRS
+    than gps_crs, e.g. UTM metres declared as degrees or the wrong UTM zone),
+    and road geometries none of which overlaps the raster (a GeoJSON in another
+    CRS than it declares) are errors with the counts and extents; less than
+    half of the GPS points on the raster, or some road geometries off it, are
+    warnings with the counts.
   - Splits: tiles are shared out by a seeded permutation of their sorted ids
     (common.seeded_split): validation_fraction, test_fraction, rest = train.
     Splits left empty by a zero fraction are not written.
@@ -51,9 +71,22 @@ Spec: a CustomConfig(spec=CustomSpec(...)) or, with the default config, a file
    "road_width_m": 4.0, "tile_size": 512}
 Relative paths are relative to manual_dir. Every CustomSpec field may appear.
 
-The whole raster, its mask and all GPS points are held in memory while building
-(about 5 bytes per pixel plus 16 per GPS point): split very large areas into
-several GeoTIFFs and builds.
+Memory. By default (streaming: true) the build streams (StreamingArea, with the pieces of
+data_builders.streaming): the imagery is read by rasterio windows (a pass over strips of one
+row of tiles resolves the preparation: bit depth, errors, and an exact percentile stretch of
+integer imagery from histograms), road masks are computed one row of tiles at a time for the
+geometries an STRtree finds there, GPS CSVs are read in chunks and bucketed on disk by row of
+tiles, and each row's heat-map is rendered from its bucket. Rows of mask and heat-map wait,
+compressed, in a work folder beside the downloads (deleted after the build); examples are
+made tile by tile, in raster order within each split, and TFDS's writer spills them to disk
+beyond 64 MB. Peak memory then depends on the width of a row of tiles, the GPS chunk and the
+busiest row of tiles' GPS points (16 bytes each), not on the raster's size: measured 0.4-0.5 GB
+from 5k x 5k to 20k x 20k px with 10 million GPS points (benchmarks/stream_build.py). The
+examples, splits, recorded preparation and counts are bit-identical to those of
+streaming: false, which holds the whole raster, its mask and every GPS point in memory (Area;
+about 5 bytes per pixel plus ~100 per GPS point while reading them), and is as fast. Float
+imagery under 'percentile' is the exception: streamed, its stretch comes from a decimated read
+of at most 4M pixels (the recorded values are what was applied).
 """
 from __future__ import annotations
 
@@ -62,9 +95,14 @@ import json
 import logging
 import math
 import pathlib
+import shutil
+import tempfile
+import zlib
 from typing import Any, Mapping, Sequence
 
+import affine
 import numpy as np
+import rasterio
 import rasterio.crs
 import rasterio.errors
 import rasterio.features
@@ -73,9 +111,10 @@ import tensorflow_datasets as tfds
 import yaml
 
 from cmmp_jax.data import geo as geo_lib
-from cmmp_jax.data import heatmap as heatmap_lib
+from cmmp_jax.data import preparation as preparation_lib
 from cmmp_jax.data import reading
 from data_builders import common
+from data_builders import streaming
 
 SPEC_FILE_NAMES = ('custom.json', 'custom.yaml', 'custom.yml')
 DEFAULT_ROAD_WIDTH_M = 4.0
@@ -104,6 +143,7 @@ class CustomSpec:
   road_width_m: float = DEFAULT_ROAD_WIDTH_M
   tile_size: int = 512
   edge: str = 'pad'                 # 'pad' or 'drop'
+  min_valid_fraction: float = 0.0   # 'pad': leave out edge tiles with less on the raster
   validation_fraction: float = 0.1
   test_fraction: float = 0.1
   split_seed: int = 0
@@ -112,6 +152,7 @@ class CustomSpec:
   bit_depth: int | None = None
   percentiles: tuple[float, float] = (2.0, 98.0)
   name: str | None = None
+  streaming: bool = True            # False: hold the whole area in memory (Area)
 
   @classmethod
   def from_mapping(cls, values: Mapping[str, Any], source: str | pathlib.Path) -> 'CustomSpec':
@@ -141,8 +182,14 @@ class CustomSpec:
       raise common.SpecError(source, problem)
     if self.gps_format not in reading.GPS_FORMATS:
       fail(f'gps_format must be one of {reading.GPS_FORMATS}, got {self.gps_format!r}')
+    if not isinstance(self.streaming, bool):
+      fail(f'streaming must be true or false, got {self.streaming!r}')
     if self.edge not in ('pad', 'drop'):
       fail(f"edge must be 'pad' or 'drop', got {self.edge!r}")
+    if (isinstance(self.min_valid_fraction, bool)
+        or not isinstance(self.min_valid_fraction, (int, float))
+        or not 0 <= self.min_valid_fraction <= 1):
+      fail(f'min_valid_fraction must be a number in [0, 1], got {self.min_valid_fraction!r}')
     if self.scaling not in ('bit_depth', 'percentile'):
       fail(f"scaling must be 'bit_depth' or 'percentile', got {self.scaling!r}")
     if not (isinstance(self.road_width_m, (int, float)) and math.isfinite(self.road_width_m)
@@ -165,6 +212,18 @@ class CustomSpec:
     low, high = self.percentiles
     if not 0 <= low < high <= 100:
       fail(f'percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles!r}')
+    try:
+      self.preparation().validate('spec')
+    except preparation_lib.PreparationError as error:
+      fail(str(error).removeprefix('spec: '))
+
+  def preparation(self) -> preparation_lib.InputPreparation:
+    """The input preparation this spec asks for (resolved against the imagery by Area)."""
+    return preparation_lib.InputPreparation(
+        bands=self.bands, scaling=self.scaling, bit_depth=self.bit_depth,
+        percentiles=tuple(self.percentiles), gps_format=self.gps_format,
+        lon_column=self.lon_column, lat_column=self.lat_column, gps_crs=self.gps_crs,
+        tile_size=self.tile_size, aux='gps_heatmap')
 
 
 def load_spec_file(manual_dir: pathlib.Path, name: str | None) -> tuple[CustomSpec, pathlib.Path]:
@@ -184,27 +243,6 @@ def load_spec_file(manual_dir: pathlib.Path, name: str | None) -> tuple[CustomSp
   except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
     raise common.SpecError(path, f'cannot parse spec ({error})') from error
   return CustomSpec.from_mapping(values, path), path
-
-
-# ---------------------------------------------------------------------------
-# Imagery.
-
-
-def imagery_to_uint8_rgb(raster: reading.Raster, spec: CustomSpec) -> np.ndarray:
-  """Imagery -> uint8 (H, W, 3) RGB by the spec's bands and scaling (module docstring).
-
-  Raises:
-    reading.ReadError: missing bands, or values the 'bit_depth' rule cannot map.
-  """
-  if spec.scaling == 'bit_depth':
-    return reading.to_rgb_uint8(raster, bands=spec.bands, bit_depth=spec.bit_depth)
-  values = reading.select_rgb_bands(raster, spec.bands).astype(np.float64)
-  finite = np.isfinite(values).all(axis=2)
-  low = np.percentile(values[finite], spec.percentiles[0], axis=0)
-  high = np.percentile(values[finite], spec.percentiles[1], axis=0)
-  stretched = np.clip(np.nan_to_num((values - low) / np.maximum(high - low, 1e-12)), 0.0, 1.0)
-  # Floats in [0, 1] go to round(x * 255), gray is replicated to RGB.
-  return reading.to_rgb_uint8(dataclasses.replace(raster, pixels=stretched))
 
 
 # ---------------------------------------------------------------------------
@@ -295,16 +333,20 @@ def _flatten(coordinates) -> list[float]:
 
 
 def _segments_distance_mask(mask: np.ndarray, points_xy: np.ndarray, transform,
-                            radius_m: float, units_to_m) -> None:
+                            radius_m: float, units_to_m, offset: tuple[int, int] = (0, 0)
+                            ) -> None:
   """Sets mask pixels whose centre is within radius_m of the polyline points_xy (CRS units).
 
   Args:
-    mask: bool (H, W), updated in place.
+    mask: bool (h, w) window of the raster whose top-left pixel is `offset` (row, col), updated
+      in place. Pixel centres are computed from their raster indices, so a window gets the
+      values the whole raster's mask has there, bit for bit.
     points_xy: float64 (N, 2) vertices in the raster CRS; N == 1 is a point.
     transform: raster affine (pixel -> CRS).
     radius_m: buffer radius in metres.
     units_to_m: callable lat/y array -> (metres per x unit, metres per y unit).
   """
+  row_off, col_off = offset
   height, width = mask.shape
   if len(points_xy) == 1:
     pieces = [(points_xy[0], points_xy[0])]
@@ -329,10 +371,10 @@ def _segments_distance_mask(mask: np.ndarray, points_xy: np.ndarray, transform,
     margin_rows = radius_m / pixel_dy + 1
     cols_ab, rows_ab = geo_lib.world_to_pixel(np.array([a[0], b[0]]), np.array([a[1], b[1]]),
                                               transform)
-    col0 = max(int(math.floor(cols_ab.min() - margin_cols)), 0)
-    col1 = min(int(math.ceil(cols_ab.max() + margin_cols)), width)
-    row0 = max(int(math.floor(rows_ab.min() - margin_rows)), 0)
-    row1 = min(int(math.ceil(rows_ab.max() + margin_rows)), height)
+    col0 = max(int(math.floor(cols_ab.min() - margin_cols)), col_off)
+    col1 = min(int(math.ceil(cols_ab.max() + margin_cols)), col_off + width)
+    row0 = max(int(math.floor(rows_ab.min() - margin_rows)), row_off)
+    row1 = min(int(math.ceil(rows_ab.max() + margin_rows)), row_off + height)
     if col0 >= col1 or row0 >= row1:
       continue
     cc, rr = np.meshgrid(np.arange(col0, col1) + 0.5, np.arange(row0, row1) + 0.5)
@@ -346,12 +388,22 @@ def _segments_distance_mask(mask: np.ndarray, points_xy: np.ndarray, transform,
     else:
       t = np.zeros_like(px)
     distance2 = (px - t * vx) ** 2 + (py - t * vy) ** 2
-    mask[row0:row1, col0:col1] |= distance2 <= radius_m * radius_m
+    mask[row0 - row_off:row1 - row_off, col0 - col_off:col1 - col_off] |= (
+        distance2 <= radius_m * radius_m)
 
 
 def rasterize_roads(geometries: Sequence[dict], geometries_crs, geo: geo_lib.GeoInfo,
-                    height: int, width: int, road_width_m: float) -> np.ndarray:
-  """uint8 (H, W) road mask (0/1) of centerlines buffered to road_width_m (see docstring)."""
+                    height: int, width: int, road_width_m: float,
+                    window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+  """uint8 (H, W) road mask (0/1) of centerlines buffered to road_width_m (see docstring).
+
+  window: (row0, col0, rows, cols) inside the H x W raster: only that window's mask,
+  uint8 (rows, cols), equal to the whole mask cut there (polygons are burnt by GDAL with the
+  window's transform).
+  """
+  row_off, col_off = (window[0], window[1]) if window is not None else (0, 0)
+  if window is not None:
+    height, width = window[2], window[3]
   crs = geo.crs
   if crs.is_geographic:
     def units_to_m(y):
@@ -370,28 +422,70 @@ def rasterize_roads(geometries: Sequence[dict], geometries_crs, geo: geo_lib.Geo
       continue
     # LineString (N, 2 or 3) or Point (2 or 3,); a z coordinate is ignored.
     vertices = np.atleast_2d(np.asarray(geometry['coordinates'], dtype=np.float64))[:, :2]
-    _segments_distance_mask(mask, vertices, geo.transform, road_width_m / 2.0, units_to_m)
+    _segments_distance_mask(mask, vertices, geo.transform, road_width_m / 2.0, units_to_m,
+                            (row_off, col_off))
   if polygons:
+    transform = geo.transform @ affine.Affine.translation(col_off, row_off)
     filled = rasterio.features.rasterize(
-        [(p, 1) for p in polygons], out_shape=(height, width), transform=geo.transform,
+        [(p, 1) for p in polygons], out_shape=(height, width), transform=transform,
         fill=0, dtype=np.uint8)
     mask |= filled.astype(bool)
   return mask.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------
-# GPS.
+# Checks of where roads lie.
 
 
-def gps_to_pixels(x: np.ndarray, y: np.ndarray, gps_crs: str | rasterio.crs.CRS,
-                  geo: geo_lib.GeoInfo) -> tuple[np.ndarray, np.ndarray]:
-  """GPS coordinates in gps_crs -> continuous raster pixel (cols, rows)."""
-  source = rasterio.crs.CRS.from_user_input(gps_crs)
-  if x.size == 0:
-    return x.copy(), y.copy()
-  if source != geo.crs:
-    x, y = rasterio.warp.transform(source, geo.crs, x, y)
-  return geo_lib.world_to_pixel(np.asarray(x), np.asarray(y), geo.transform)
+def count_geometries_on_raster(geometries: Sequence[dict], geometries_crs, geo: geo_lib.GeoInfo,
+                               height: int, width: int, margin_px: float) -> int:
+  """How many geometries have a vertex-bounding box that reaches the raster (grown by
+  margin_px pixels, the road's half width): the others cannot mark any pixel."""
+  count = 0
+  for geometry in geometries:
+    if geometries_crs != geo.crs:
+      geometry = rasterio.warp.transform_geom(geometries_crs, geo.crs, geometry)
+    points = _vertices_xy(geometry)
+    cols, rows = geo_lib.world_to_pixel(points[:, 0], points[:, 1], geo.transform)
+    if (cols.max() >= -margin_px and cols.min() <= width + margin_px
+        and rows.max() >= -margin_px and rows.min() <= height + margin_px):
+      count += 1
+  return count
+
+
+def _vertices_xy(geometry: dict) -> np.ndarray:
+  """(N, 2) x/y of every vertex of a simple geometry (a z coordinate is ignored)."""
+  coordinates = geometry['coordinates']
+  if geometry['type'] == 'Point':
+    return np.asarray([coordinates[:2]], np.float64)
+  if geometry['type'] == 'LineString':
+    return np.asarray([c[:2] for c in coordinates], np.float64)
+  return np.asarray([c[:2] for ring in coordinates for c in ring], np.float64)
+
+
+def _half_width_px(geo: geo_lib.GeoInfo, road_width_m: float) -> float:
+  """Half a road's width in pixels (of the larger pixel side), for overlap margins."""
+  crs = geo.crs
+  pixel = max(abs(geo.transform.a), abs(geo.transform.e))
+  if crs.is_geographic:
+    lon_m, lat_m = metres_per_degree(geo.bounds[1])
+    pixel_m = pixel * min(float(lon_m), float(lat_m))
+  else:
+    pixel_m = pixel * crs.linear_units_factor[1]
+  return road_width_m / 2.0 / max(pixel_m, 1e-12) + 1.0
+
+
+def _max_half_width_px(geo: geo_lib.GeoInfo, road_width_m: float) -> float:
+  """An upper bound of half a road's width in pixels anywhere on the raster (for a geographic
+  CRS, at the edge latitude where a degree of longitude is shortest), plus 2 pixels."""
+  crs, t = geo.crs, geo.transform
+  if crs.is_geographic:
+    farthest = max(abs(geo.bounds[1]), abs(geo.bounds[3]))
+    kx, ky = (float(v) for v in metres_per_degree(min(farthest, 89.9)))
+  else:
+    kx = ky = crs.linear_units_factor[1]
+  pixel_m = min(math.hypot(t.a * kx, t.d * ky), math.hypot(t.b * kx, t.e * ky))
+  return road_width_m / 2.0 / max(pixel_m, 1e-12) + 2.0
 
 
 # ---------------------------------------------------------------------------
@@ -403,10 +497,107 @@ class Tile:
   tile_id: str
   row0: int
   col0: int
+  valid_fraction: float  # share of the tile's pixels on the raster (1 for whole tiles)
 
 
-class Area:
-  """Everything one spec describes, loaded and ready to be cut into tiles."""
+class _AreaChecks:
+  """What both kinds of area share: the checks of roads and GPS against the imagery (from
+  counts, so that a streamed area need not hold the arrays) and the tiles. Subclasses set spec,
+  imagery_path, geo, height, width, preparation and counts."""
+
+  def _extent_text(self, crs) -> str:
+    """The raster's bounds in `crs`, for messages."""
+    west, south, east, north = self.geo.bounds
+    if crs != self.geo.crs:
+      west, south, east, north = rasterio.warp.transform_bounds(
+          self.geo.crs, crs, west, south, east, north, densify_pts=21)
+    return f'x {west:.6g}..{east:.6g}, y {south:.6g}..{north:.6g}'
+
+  def _check_roads(self, roads_path: pathlib.Path, geometries, roads_crs,
+                   road_pixels: int) -> None:
+    n_geometries = len(geometries)
+    self.counts.update(road_geometries=n_geometries, road_pixels=road_pixels)
+    if n_geometries == 0:
+      logging.warning('custom: %s holds no road geometry: every mask is all zero', roads_path)
+      self.counts['road_geometries_on_raster'] = 0
+      return
+    on_raster = count_geometries_on_raster(
+        geometries, roads_crs, self.geo, self.height, self.width,
+        _half_width_px(self.geo, self.spec.road_width_m))
+    self.counts['road_geometries_on_raster'] = on_raster
+    if road_pixels == 0:
+      raise common.DatasetFileError(
+          roads_path, f'none of its {n_geometries} road geometries overlaps the imagery '
+          f'{self.imagery_path} (roads read in {roads_crs.to_string()}, where the imagery '
+          f'spans {self._extent_text(roads_crs)}): is the GeoJSON in the CRS it declares (its '
+          '"crs" member, else WGS84 lon/lat), and does it cover this area?')
+    if on_raster < n_geometries:
+      logging.warning('custom: %d of %d road geometries of %s lie outside the imagery %s',
+                      n_geometries - on_raster, n_geometries, roads_path, self.imagery_path)
+
+  def _check_gps(self, gps_paths, gps: streaming.GpsCounts) -> None:
+    n_points, on_raster = gps.points, gps.on_raster
+    self.counts.update(gps_points=n_points, gps_points_on_raster=on_raster)
+    if n_points == 0:
+      if gps_paths:
+        logging.warning('custom: the GPS file(s) %s hold no point: every heat-map is all zero',
+                        ', '.join(str(p) for p in gps_paths))
+      return
+    crs = self.preparation.gps_crs
+    if on_raster == 0:
+      raise common.DatasetFileError(
+          gps_paths[0], f'none of the {n_points} GPS points of {len(gps_paths)} file(s) falls '
+          f'on the imagery {self.imagery_path}: read as gps_crs {crs}, the points span x '
+          f'{gps.x_min:.6g}..{gps.x_max:.6g}, y {gps.y_min:.6g}..{gps.y_max:.6g}, and the '
+          f'imagery spans {self._extent_text(preparation_lib.gps_crs(self.preparation))} in '
+          f'{crs}. Set gps_crs to the CRS of the coordinates (e.g. EPSG:32611 for UTM 11N '
+          'metres, EPSG:4326 for lon/lat degrees), or check lon_column/lat_column (swapped?)')
+    if on_raster < 0.5 * n_points:
+      logging.warning('custom: only %d of %d GPS points (%.1f%%) fall on the imagery %s '
+                      '(gps_crs %s); the others are dropped', on_raster, n_points,
+                      100.0 * on_raster / n_points, self.imagery_path, crs)
+
+  def _make_tiles(self) -> list[Tile]:
+    size = self.spec.tile_size
+    name = self.spec.name or self.imagery_path.stem
+    tiles, padded, left_out = [], [], 0
+    for tile_row, row0 in enumerate(range(0, self.height, size)):
+      for tile_col, col0 in enumerate(range(0, self.width, size)):
+        rows_on, cols_on = min(size, self.height - row0), min(size, self.width - col0)
+        valid = rows_on * cols_on / float(size * size)
+        if valid < 1.0 and (self.spec.edge == 'drop' or valid < self.spec.min_valid_fraction):
+          left_out += 1
+          continue
+        tile = Tile(f'{name}_{tile_row}_{tile_col}', row0, col0, valid)
+        tiles.append(tile)
+        if valid < 1.0:
+          padded.append(tile)
+    self.counts.update(tiles=len(tiles), padded_tiles=len(padded), tiles_left_out=left_out)
+    if not tiles:
+      raise common.SpecError(
+          self.imagery_path, f'a {self.width}x{self.height} raster has no {size}x{size} tile '
+          f'to write (edge {self.spec.edge!r}, min_valid_fraction '
+          f'{self.spec.min_valid_fraction}); lower tile_size or min_valid_fraction')
+    if padded:
+      fractions = [t.valid_fraction for t in padded]
+      message = ('custom: %d of %d tiles are zero-padded edge tiles (%.0f-%.0f%% of their '
+                 'pixels on the raster); set min_valid_fraction (or edge: drop) to leave out '
+                 'mostly padded ones')
+      log = logging.warning if len(padded) > 0.25 * len(tiles) else logging.info
+      log(message, len(padded), len(tiles), 100 * min(fractions), 100 * max(fractions))
+    return tiles
+
+
+class Area(_AreaChecks):
+  """Everything one spec describes, loaded whole into memory and ready to be cut into tiles
+  (the build with `streaming: false`, and the reference of StreamingArea).
+
+  Attributes:
+    preparation: the spec's InputPreparation as applied to the imagery (the record).
+    image: uint8 (H, W, 3); mask: uint8 (H, W) 0/1; aux: uint8 (Hg, Wg, 1) heat-map of the
+      tile grid (Hg, Wg = H, W rounded up to whole tiles).
+    tiles: the tiles to write; counts: facts of the build for the metadata and the log.
+  """
 
   def __init__(self, spec: CustomSpec, base_dir: pathlib.Path | None, source: str):
     self.spec = spec
@@ -417,65 +608,42 @@ class Area:
       raster = reading.read_raster(self.imagery_path)
       if raster.geo is None:
         raise common.UnreadableImageError(self.imagery_path, 'GeoTIFF has no CRS')
-      self.image = imagery_to_uint8_rgb(raster, spec)
+      self.image, self.preparation = preparation_lib.prepare_image(raster, spec.preparation())
     except reading.ReadError as error:
       raise common.UnreadableImageError(error.path, error.problem) from error
     self.geo = raster.geo
     self.height, self.width = self.image.shape[:2]
     del raster
+    self.counts: dict[str, Any] = {'raster_height': self.height, 'raster_width': self.width}
     roads_path = resolve(spec.roads, base_dir, source)
     geometries, roads_crs = read_road_geometries(roads_path)
     self.mask = rasterize_roads(geometries, roads_crs, self.geo, self.height, self.width,
                                 spec.road_width_m)
-    gps_crs = rasterio.crs.CRS.from_user_input(spec.gps_crs)
+    self._check_roads(roads_path, geometries, roads_crs, int(np.count_nonzero(self.mask)))
+    gps_paths = [resolve(gps, base_dir, source) for gps in spec.gps]
     try:
-      x, y = reading.read_gps_csv(
-          [resolve(gps, base_dir, source) for gps in spec.gps], gps_format=spec.gps_format,
-          lon_column=spec.lon_column, lat_column=spec.lat_column,
-          degrees=gps_crs.is_geographic)
+      x, y = preparation_lib.read_gps(gps_paths, self.preparation)
     except reading.ReadError as error:
       raise common.DatasetFileError(error.path, error.problem) from error
-    self.gps_cols, self.gps_rows = gps_to_pixels(x, y, gps_crs, self.geo)
+    cols, rows = preparation_lib.gps_to_raster_pixels(x, y, self.preparation.gps_crs, self.geo)
+    gps = streaming.GpsCounts()
+    if x.size:
+      gps = streaming.GpsCounts(
+          points=int(x.size), x_min=float(x.min()), x_max=float(x.max()),
+          y_min=float(y.min()), y_max=float(y.max()))
+    gps.on_raster = int(np.count_nonzero(
+        (cols >= 0) & (cols < self.width) & (rows >= 0) & (rows < self.height)))
+    self._check_gps(gps_paths, gps)
+    self.aux, _ = preparation_lib.render_gps_aux(cols, rows, self.height, self.width,
+                                                 self.preparation)
     self.tiles = self._make_tiles()
-    self._points_by_tile = self._bucket_points()
-    logging.info('custom: %s: %dx%d px, %d tiles, %d GPS points (%d on tiles)',
-                 self.imagery_path, self.width, self.height, len(self.tiles),
-                 self.gps_cols.size, sum(v.size for v in self._points_by_tile.values()))
+    logging.info('custom: %s: %dx%d px, %d tiles, %d GPS points (%d on the raster), '
+                 'preparation: %s', self.imagery_path, self.width, self.height,
+                 len(self.tiles), self.counts['gps_points'],
+                 self.counts['gps_points_on_raster'], self.preparation.describe())
 
-  def _make_tiles(self) -> list[Tile]:
-    size = self.spec.tile_size
-    name = self.spec.name or self.imagery_path.stem
-    tiles = []
-    for tile_row, row0 in enumerate(range(0, self.height, size)):
-      for tile_col, col0 in enumerate(range(0, self.width, size)):
-        partial = row0 + size > self.height or col0 + size > self.width
-        if partial and self.spec.edge == 'drop':
-          continue
-        tiles.append(Tile(f'{name}_{tile_row}_{tile_col}', row0, col0))
-    if not tiles:
-      raise common.SpecError(
-          self.imagery_path, f'a {self.width}x{self.height} raster has no full '
-          f'{size}x{size} tile; lower tile_size or use edge: pad')
-    return tiles
-
-  def _bucket_points(self) -> dict[tuple[int, int], np.ndarray]:
-    """{(row0, col0) of a tile: indices of the GPS points inside its window}."""
-    size = self.spec.tile_size
-    finite = np.isfinite(self.gps_cols) & np.isfinite(self.gps_rows)
-    index = np.flatnonzero(finite)
-    tile_rows = np.floor(self.gps_rows[index] / size).astype(np.int64)
-    tile_cols = np.floor(self.gps_cols[index] / size).astype(np.int64)
-    wanted = {(t.row0 // size, t.col0 // size) for t in self.tiles}
-    buckets: dict[tuple[int, int], list] = {}
-    order = np.lexsort((tile_cols, tile_rows))
-    keys = np.stack([tile_rows[order], tile_cols[order]], axis=1)
-    if keys.size:
-      starts = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
-      for chunk in np.split(np.arange(keys.shape[0]), starts):
-        key = (int(keys[chunk[0], 0]), int(keys[chunk[0], 1]))
-        if key in wanted:
-          buckets[(key[0] * size, key[1] * size)] = index[order[chunk]]
-    return buckets
+  def close(self) -> None:
+    """Nothing to release (StreamingArea's counterpart)."""
 
   def example(self, tile: Tile) -> dict:
     """The example dict of one tile (zero-padded past the raster's edge)."""
@@ -483,17 +651,145 @@ class Area:
     window = (slice(tile.row0, tile.row0 + size), slice(tile.col0, tile.col0 + size))
     image = np.zeros((size, size, 3), np.uint8)
     mask = np.zeros((size, size, 1), np.uint8)
+    aux = np.zeros((size, size, 1), np.uint8)
     piece = self.image[window]
     image[:piece.shape[0], :piece.shape[1]] = piece
     mask[:piece.shape[0], :piece.shape[1], 0] = self.mask[window]
-    points = self._points_by_tile.get((tile.row0, tile.col0), np.zeros(0, np.int64))
-    heatmap = heatmap_lib.render_heatmap(self.gps_cols[points] - tile.col0,
-                                         self.gps_rows[points] - tile.row0, size, size)
-    aux = heatmap_lib.heatmap_to_uint8(heatmap)[..., None]
+    # The heat-map of the whole grid tile (points past the raster's edge count for the tile's
+    # maximum) but, like image and mask, zero past the raster.
+    aux[:piece.shape[0], :piece.shape[1]] = self.aux[window][:piece.shape[0], :piece.shape[1]]
     bounds = geo_lib.pixel_bounds_to_lonlat(self.geo.transform, self.geo.crs,
                                             tile.row0, tile.col0, size, size)
     return common.make_example(tile.tile_id, image, aux, mask, bounds,
                                source=self.imagery_path)
+
+
+class StreamingArea(_AreaChecks):
+  """The area of one spec read window by window (data_builders.streaming): the same tiles,
+  examples, recorded preparation and counts as Area, in memory bounded by a row of tiles.
+
+  Construction makes three passes, each a row of tiles at a time, and keeps their results in
+  work_dir: the road mask (bits) and the heat-map of every row of tiles, and the GPS points
+  bucketed by row of tiles (data_builders.streaming.GpsTileRows). example() then reads the
+  tile's imagery window and cuts the mask and heat-map from its row (the last row is cached:
+  iterate tiles by row). close() closes the imagery and deletes work_dir.
+  """
+
+  def __init__(self, spec: CustomSpec, base_dir: pathlib.Path | None, source: str,
+               work_dir: pathlib.Path | str, gps_chunk_rows: int | None = None):
+    self.spec = spec
+    self.work_dir = pathlib.Path(work_dir)
+    self.work_dir.mkdir(parents=True, exist_ok=True)
+    self.imagery_path = resolve(spec.imagery, base_dir, source)
+    if not self.imagery_path.is_file():
+      raise common.MissingFileError(self.imagery_path, 'imagery GeoTIFF not found')
+    try:
+      self.imagery = streaming.ImageryWindows(self.imagery_path, spec.preparation(),
+                                              strip_rows=spec.tile_size)
+    except reading.ReadError as error:
+      raise common.UnreadableImageError(error.path, error.problem) from error
+    self._row_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+    if gps_chunk_rows is None:
+      gps_chunk_rows = streaming.DEFAULT_GPS_CHUNK_ROWS
+    try:
+      self._prepare(base_dir, source, gps_chunk_rows)
+    except BaseException:
+      self.close()
+      raise
+
+  def _prepare(self, base_dir, source, gps_chunk_rows: int) -> None:
+    spec, size = self.spec, self.spec.tile_size
+    self.preparation = self.imagery.preparation
+    self.geo = self.imagery.geo
+    self.height, self.width = self.imagery.height, self.imagery.width
+    self.n_tile_rows = -(-self.height // size)
+    self.counts: dict[str, Any] = {'raster_height': self.height, 'raster_width': self.width}
+    # Roads: geometries in the raster's CRS, found per row of tiles by their pixel boxes.
+    roads_path = resolve(spec.roads, base_dir, source)
+    geometries, roads_crs = read_road_geometries(roads_path)
+    self._roads = [rasterio.warp.transform_geom(roads_crs, self.geo.crs, g)
+                   if roads_crs != self.geo.crs else g for g in geometries]
+    boxes = np.zeros((len(self._roads), 4))
+    for i, geometry in enumerate(self._roads):
+      cols, rows = geo_lib.world_to_pixel(*_vertices_xy(geometry).T, self.geo.transform)
+      boxes[i] = cols.min(), rows.min(), cols.max(), rows.max()
+    road_index = streaming.RoadIndex(boxes, _max_half_width_px(self.geo, spec.road_width_m))
+    road_pixels = 0
+    for tile_row in range(self.n_tile_rows):
+      row0 = tile_row * size
+      rows_on = min(size, self.height - row0)
+      chosen = road_index.query(row0, 0, rows_on, self.width)
+      band = rasterize_roads([self._roads[i] for i in chosen], self.geo.crs, self.geo,
+                             self.height, self.width, spec.road_width_m,
+                             window=(row0, 0, rows_on, self.width))
+      road_pixels += int(np.count_nonzero(band))
+      self._write_row('mask', tile_row, np.packbits(band.astype(bool), axis=None))
+    self._check_roads(roads_path, geometries, roads_crs, road_pixels)
+    # GPS: chunks projected and bucketed by row of tiles, then each row rendered.
+    gps_paths = [resolve(gps, base_dir, source) for gps in spec.gps]
+    buckets = streaming.GpsTileRows(self.work_dir / 'gps', self.height, self.width, size)
+    try:
+      for x, y in streaming.iter_gps_chunks(gps_paths, self.preparation, gps_chunk_rows):
+        cols, rows = preparation_lib.gps_to_raster_pixels(x, y, self.preparation.gps_crs,
+                                                          self.geo)
+        buckets.add(x, y, cols, rows)
+    except reading.ReadError as error:
+      raise common.DatasetFileError(error.path, error.problem) from error
+    self._check_gps(gps_paths, buckets.counts)
+    self.grid_width = buckets.grid_width
+    for tile_row in range(self.n_tile_rows):
+      self._write_row('aux', tile_row, buckets.render_row(tile_row))
+    shutil.rmtree(buckets.work_dir)
+    self.tiles = self._make_tiles()
+    logging.info('custom: %s: %dx%d px, %d tiles, %d GPS points (%d on the raster), '
+                 'preparation: %s (streamed)', self.imagery_path, self.width, self.height,
+                 len(self.tiles), self.counts['gps_points'],
+                 self.counts['gps_points_on_raster'], self.preparation.describe())
+
+  def _row_path(self, kind: str, tile_row: int) -> pathlib.Path:
+    return self.work_dir / f'{kind}_row_{tile_row:06d}.zlib'
+
+  def _write_row(self, kind: str, tile_row: int, array: np.ndarray) -> None:
+    self._row_path(kind, tile_row).write_bytes(zlib.compress(array.tobytes(), 1))
+
+  def _read_row(self, tile_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask uint8 (rows_on, W), aux uint8 (T, Wg)) of one row of tiles, cached."""
+    if self._row_cache is None or self._row_cache[0] != tile_row:
+      size = self.spec.tile_size
+      rows_on = min(size, self.height - tile_row * size)
+      bits = np.frombuffer(zlib.decompress(self._row_path('mask', tile_row).read_bytes()),
+                           np.uint8)
+      mask = np.unpackbits(bits, count=rows_on * self.width).reshape(rows_on, self.width)
+      aux = np.frombuffer(zlib.decompress(self._row_path('aux', tile_row).read_bytes()),
+                          np.uint8).reshape(size, self.grid_width)
+      self._row_cache = (tile_row, mask, aux)
+    return self._row_cache[1], self._row_cache[2]
+
+  def example(self, tile: Tile) -> dict:
+    """The example dict of one tile, equal to Area.example's."""
+    size = self.spec.tile_size
+    rows_on = min(size, self.height - tile.row0)
+    cols_on = min(size, self.width - tile.col0)
+    image = np.zeros((size, size, 3), np.uint8)
+    mask = np.zeros((size, size, 1), np.uint8)
+    aux = np.zeros((size, size, 1), np.uint8)
+    try:
+      image[:rows_on, :cols_on] = self.imagery.read(tile.row0, tile.col0, rows_on, cols_on)
+    except reading.ReadError as error:
+      raise common.UnreadableImageError(error.path, error.problem) from error
+    mask_row, aux_row = self._read_row(tile.row0 // size)
+    mask[:rows_on, :cols_on, 0] = mask_row[:, tile.col0:tile.col0 + cols_on]
+    aux[:rows_on, :cols_on, 0] = aux_row[:rows_on, tile.col0:tile.col0 + cols_on]
+    bounds = geo_lib.pixel_bounds_to_lonlat(self.geo.transform, self.geo.crs,
+                                            tile.row0, tile.col0, size, size)
+    return common.make_example(tile.tile_id, image, aux, mask, bounds,
+                               source=self.imagery_path)
+
+  def close(self) -> None:
+    """Closes the imagery and deletes the work folder."""
+    self._row_cache = None
+    self.imagery.close()
+    shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 def resolve(path: str, base_dir: pathlib.Path | None, source) -> pathlib.Path:
@@ -525,8 +821,11 @@ class CustomConfig(tfds.core.BuilderConfig):
 class Custom(common.RoadTileBuilder):
   """A user's own area: GeoTIFF imagery + GeoJSON road centerlines + GPS CSV."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'float64 bounds; input preparation and build counts in the '
+                            'metadata; explicit bit depth; min_valid_fraction; heat-map cut '
+                            'from the tile grid; checks of GPS and roads against the imagery.'}
   BUILDER_CONFIGS = [CustomConfig(
       name='default', description='Spec read from custom.json/custom.yaml in manual_dir.')]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -553,14 +852,50 @@ class Custom(common.RoadTileBuilder):
       spec.validate(source)
     else:
       spec, source = load_spec_file(manual_dir, config.spec_file or None)
-    area = Area(spec, manual_dir, source)
+    if spec.streaming:
+      # Beside the downloads (on the data's disk, not /tmp); deleted by _download_and_prepare.
+      download_dir = pathlib.Path(dl_manager.download_dir)
+      download_dir.mkdir(parents=True, exist_ok=True)
+      work_dir = tempfile.mkdtemp(prefix='custom-stream-', dir=download_dir)
+      self._areas.append(_PendingWorkDir(pathlib.Path(work_dir)))
+      area = StreamingArea(spec, manual_dir, source, work_dir)
+    else:
+      area = Area(spec, manual_dir, source)
+    self._areas.append(area)
+    self.record_preparation(area.preparation, custom_area={
+        'imagery': str(area.imagery_path), 'crs': area.geo.crs.to_string(),
+        'transform': list(tuple(area.geo.transform)[:6]), **area.counts})
     by_id = {tile.tile_id: tile for tile in area.tiles}
     parts = common.seeded_split(
         by_id, {'validation': spec.validation_fraction, 'test': spec.test_fraction},
         spec.split_seed, source=area.imagery_path)
-    return {name: self._generate_examples(area, [by_id[i] for i in ids])
+    # Tiles in raster order within a split: a streamed area reads each row of tiles once.
+    return {name: self._generate_examples(
+                area, sorted((by_id[i] for i in ids), key=lambda t: (t.row0, t.col0)))
             for name, ids in parts.items() if ids}
 
-  def _generate_examples(self, area: Area, tiles: list[Tile]):
+  def _download_and_prepare(self, *args, **kwargs):
+    # GDAL's block cache bounded (its default is 5% of the machine's memory); streamed areas
+    # closed and their work folders deleted however the build ends.
+    self._areas = []
+    try:
+      with rasterio.Env(GDAL_CACHEMAX=streaming.GDAL_CACHE_BYTES), \
+          streaming.bounded_tfds_shuffle_buffer():
+        return super()._download_and_prepare(*args, **kwargs)
+    finally:
+      for area in self._areas:
+        area.close()
+      self._areas = []
+
+  def _generate_examples(self, area, tiles: list[Tile]):
     for tile in tiles:
       yield tile.tile_id, area.example(tile)
+
+
+@dataclasses.dataclass
+class _PendingWorkDir:
+  """A streamed area's work folder, deleted even when the area fails to construct."""
+  path: pathlib.Path
+
+  def close(self) -> None:
+    shutil.rmtree(self.path, ignore_errors=True)

@@ -68,8 +68,9 @@ def tile_file(folder: pathlib.Path, tile_id: str, suffixes) -> pathlib.Path:
 class Porto(common.RoadTileBuilder):
   """Porto aerial images + taxi GPS heat-maps, 5 folds."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'float64 bounds; input preparation recorded in the metadata.'}
   BUILDER_CONFIGS = [
       PortoConfig(name=f'fold_{k}', fold=k,
                   description=f'Cross-validation fold {k} of {NUM_FOLDS}.')

@@ -2,7 +2,13 @@
 
 Every example follows the shared contract (data_builders/common.py):
   'image': uint8 (S, S, 3) RGB, 'aux': uint8 (S, S, C), 'mask': uint8 (S, S, 1) 0/1,
-  'tile_id': '{split}_{index:05d}', 'bounds': float32 (4,) fake (west, south, east, north).
+  'tile_id': '{split}_{index:05d}', 'bounds': float64 (4,) fake (west, south, east, north).
+Plus the exact road centrelines, the synthetic city's vector labels:
+  'road_lines': text, JSON {"units": "pixel", "lines": [[[x, y], ...], ...]}: the centreline of
+  every road entering the tile (synthetic.generate_tile's 'road_lines', x = column, y = row,
+  pixel centres at integers, 1e-4 px precision; lines run past the tile's edges and are not
+  split at crossings). cmmp_jax.graph_eval turns them into the ground-truth road graph of APLS /
+  TOPO in `--mode=eval`.
 Tile `index` of `split` is generate_tile(tile_seed(base_seed, split, index), size, config), and
 records are written in index order (no TFDS shuffling), so record i of a split is tile i.
 
@@ -17,6 +23,7 @@ Configs:
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import tensorflow_datasets as tfds
 from absl import logging
@@ -41,6 +48,13 @@ class SyntheticBuilderConfig(tfds.core.BuilderConfig):
     return synthetic.aux_channels(self.aux_kind)
 
 
+def road_lines_json(lines) -> str:
+  """The 'road_lines' feature: JSON of (N, 2) pixel polylines (see the module docstring)."""
+  return json.dumps({'units': 'pixel',
+                     'lines': [[[round(float(x), 4), round(float(y), 4)] for x, y in line]
+                               for line in lines]}, separators=(',', ':'))
+
+
 def _config(name: str, description: str, aux_kind: str = 'gps', **city) -> SyntheticBuilderConfig:
   return SyntheticBuilderConfig(name=name, description=description, aux_kind=aux_kind,
                                 city=synthetic.SyntheticConfig(**city))
@@ -49,8 +63,10 @@ def _config(name: str, description: str, aux_kind: str = 'gps', **city) -> Synth
 class Synthetic(common.RoadTileBuilder):
   """Procedural city tiles: aerial image + GPS heat-map (or lidar) + road mask."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.2.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'float64 bounds; input preparation recorded in the metadata.',
+                   '1.2.0': "road centrelines ('road_lines') for graph metrics."}
   BUILDER_CONFIGS = [
       _config('default', '128 px tiles, 64/16/16, GPS heat-map aux.'),
       _config('lidar', '128 px tiles, 64/16/16, lidar-like height aux.', aux_kind='lidar'),
@@ -67,8 +83,12 @@ class Synthetic(common.RoadTileBuilder):
     return self.dataset_info_from_configs(
         description='Procedural synthetic city for road extraction from an aerial image fused '
                     'with a GPS heat-map or lidar (see cmmp_jax/data/synthetic.py).',
-        features=common.example_features(self.aux_channels),
+        features=tfds.features.FeaturesDict({
+            **common.example_features(self.aux_channels),
+            'road_lines': tfds.features.Text(),
+        }),
         disable_shuffling=True,  # record i is tile i: reproducible and easy to inspect
+        metadata=tfds.core.MetadataDict(),  # the input preparation record (common)
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -85,8 +105,10 @@ class Synthetic(common.RoadTileBuilder):
       seed = synthetic.tile_seed(city.base_seed, split, index)
       tile = synthetic.generate_tile(seed, city.size, city)
       name = synthetic.tile_id(split, index)
-      yield name, common.make_example(
+      example = common.make_example(
           name, tile['image'], synthetic.select_aux(tile, config.aux_kind), tile['mask'],
           tile['bounds'], source=f'synthetic/{config.name} {name} (seed {seed})')
+      example['road_lines'] = road_lines_json(tile['road_lines'])
+      yield name, example
       if (index + 1) % 16 == 0 or index + 1 == count:
         logging.info('synthetic/%s %s: %d/%d tiles', config.name, split, index + 1, count)

@@ -51,8 +51,9 @@ def tile_paths(root: pathlib.Path, tile_id: str, split_file: pathlib.Path):
 class Tlcgis(common.RoadTileBuilder):
   """TLCGIS aerial image + lidar road segmentation (5,860 tiles of 500x500)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'float64 bounds; input preparation recorded in the metadata.'}
   CITATION = """@inproceedings{parajuli2018fusion,
   title={Fusion of aerial lidar and images for road segmentation with deep CNN},
   author={Parajuli, Biswas and Kumar, Piyush and Mukherjee, Tathagata and
