@@ -21,7 +21,6 @@ import networkx as nx
 import numpy as np
 import rasterio
 import rasterio.windows
-from skimage import morphology
 
 from cmmp_jax import stream
 from cmmp_jax.graphs import bridging, export, extract
@@ -30,14 +29,17 @@ from cmmp_jax.graphs.params import GraphParams
 DEFAULT_BLOCK = 4096
 
 
-def _core_graph(thin: np.ndarray, row0: int, col0: int, ids) -> nx.MultiGraph:
-  """skeleton_to_graph of a core skeleton, nodes renumbered from `ids`, in raster pixels."""
-  local = extract.skeleton_to_graph(thin)
+def _core_graph(thin: np.ndarray, radius: np.ndarray, row0: int, col0: int,
+                ids) -> nx.MultiGraph:
+  """skeleton_to_graph of a core skeleton (with its road radii, float (h, w)), nodes
+  renumbered from `ids`, in raster pixels."""
+  local = extract.skeleton_to_graph(thin, extract.radius_to_half_pixels(radius))
   graph = nx.MultiGraph()
   mapping = {node: next(ids) for node in local.nodes}
   offset = np.array([col0, row0], np.float64)
   for node, data in local.nodes(data=True):
-    graph.add_node(mapping[node], x=data['x'] + col0, y=data['y'] + row0)
+    graph.add_node(mapping[node], x=data['x'] + col0, y=data['y'] + row0,
+                   radius=data['radius'])
   for u, v, data in local.edges(data=True):
     extract._add_edge(graph, mapping[u], mapping[v], data['coords'] + offset)
   return graph
@@ -81,20 +83,20 @@ def extract_streamed_graph(prob_path, params: GraphParams | None = None) -> nx.M
         wr1, wc1 = min(height, r1 + overlap), min(width, c1 + overlap)
         window = rasterio.windows.Window(wc0, wr0, wc1 - wc0, wr1 - wr0)
         values = extract.check_probabilities(dataset.read(1, window=window), str(prob_path))
-        mask = extract.clean_mask(values, params)
-        if not mask.any():
-          continue
-        thin = morphology.skeletonize(mask)[r0 - wr0:r1 - wr0, c0 - wc0:c1 - wc0]
+        thin, radius = extract.thin_window(values, params, None,
+                                           (wr0 == 0, wr1 == height, wc0 == 0, wc1 == width))
+        core_slice = (slice(r0 - wr0, r1 - wr0), slice(c0 - wc0, c1 - wc0))
+        thin, radius = thin[core_slice], radius[core_slice]
         if not thin.any():
           continue
-        graph.update(_core_graph(thin, r0, c0, ids))
+        graph.update(_core_graph(thin, radius, r0, c0, ids))
         edge = np.zeros_like(thin)
         edge[[0, -1], :] = True
         edge[:, [0, -1]] = True
         for row, col in zip(*np.nonzero(thin & edge)):
           border[(int(row) + r0, int(col) + c0)] = (r0, c0)
   _stitch(graph, border, ids)
-  extract.clean_graph(graph, params)
+  extract.clean_graph(graph, params, (height, width))
   counts = bridging.bridge_gaps(graph, params, None)
   extract.simplify_graph(graph, params.simplify_tolerance)
   graph = extract.canonical(graph)

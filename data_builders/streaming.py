@@ -59,6 +59,7 @@ from cmmp_jax.data import reading
 
 # A decimated read of at most this many pixels gives the percentile stretch of float samples.
 PERCENTILE_SAMPLE_PIXELS = 1 << 22
+SCAN_STRIP_PIXELS = 1 << 22
 # Integer samples whose range needs at most this many histogram bins get an exact stretch.
 _MAX_HISTOGRAM_BINS = 1 << 16
 DEFAULT_GPS_CHUNK_ROWS = 1 << 19
@@ -70,28 +71,44 @@ GDAL_CACHE_BYTES = 64 << 20
 TFDS_SHUFFLE_BUFFER_BYTES = 64 << 20
 
 
-def _open_bucket(path, mode):
-  """open() for TFDS's bucket files, raising the open-file limit once when it is reached (TFDS
-  keeps its 1000 bucket files open, and does the same on TensorFlow's error)."""
-  try:
-    return open(path, mode)
-  except OSError as error:
-    if error.errno != errno.EMFILE:
-      raise
-    tfds_shuffle._increase_open_files_limit()
-    return open(path, mode)
+def _is_local(path) -> bool:
+  return '://' not in os.fspath(path)
 
 
 class _ResourceExhaustedError(Exception):
   """Never raised: stands for TensorFlow's error in the except clause of TFDS's bucket writer."""
 
 
-# What tfds.core.shuffle uses of TensorFlow (tf.io.gfile on local bucket files, one error
-# class), on Python's own files.
-_PYTHON_FILES_AS_TF = types.SimpleNamespace(
-    io=types.SimpleNamespace(gfile=types.SimpleNamespace(
-        GFile=_open_bucket, exists=os.path.exists, remove=os.remove)),
-    errors=types.SimpleNamespace(ResourceExhaustedError=_ResourceExhaustedError))
+class _PythonFilesAsTf:
+  """What tfds.core.shuffle uses of TensorFlow (tf.io.gfile on its bucket files, one error
+  class), on Python's own files for local paths; other paths (gs://...) go to `real_tf`."""
+
+  def __init__(self, real_tf):
+    self._real_tf = real_tf
+    self.io = types.SimpleNamespace(gfile=types.SimpleNamespace(
+        GFile=self._open, exists=self._exists, remove=self._remove))
+    self.errors = types.SimpleNamespace(ResourceExhaustedError=_ResourceExhaustedError)
+
+  def _open(self, path, mode):
+    if not _is_local(path):
+      return self._real_tf.io.gfile.GFile(path, mode)
+    try:
+      return open(path, mode)
+    except OSError as error:
+      if error.errno != errno.EMFILE:
+        raise
+      # TFDS keeps its 1000 bucket files open, and raises the limit on TensorFlow's error.
+      tfds_shuffle._increase_open_files_limit()
+      return open(path, mode)
+
+  def _exists(self, path) -> bool:
+    return os.path.exists(path) if _is_local(path) else self._real_tf.io.gfile.exists(path)
+
+  def _remove(self, path) -> None:
+    if _is_local(path):
+      os.remove(path)
+    else:
+      self._real_tf.io.gfile.remove(path)
 
 
 @contextlib.contextmanager
@@ -102,15 +119,16 @@ def bounded_tfds_shuffle_buffer(max_bytes: int | None = None):
 
   tfds.core.shuffle has no setting for either: it reads the module constant
   MAX_MEM_BUFFER_SIZE (1 GB) at every example, and opens, tests and deletes its bucket files
-  (local, in the build's folder) through a lazily imported TensorFlow, whose import alone costs
-  0.7 GB of memory here. Both module attributes are replaced for the block and restored on
-  exit; the files written are the same (tests/test_stream_build.py).
+  (in the build's folder) through a lazily imported TensorFlow, whose import alone costs 0.7 GB
+  of memory here (it is still used for remote folders, e.g. gs://). Both module attributes are
+  replaced for the block and restored on exit; the files written are the same
+  (tests/test_stream_build.py).
   """
   if max_bytes is None:
     max_bytes = TFDS_SHUFFLE_BUFFER_BYTES
   previous_size, previous_tf = tfds_shuffle.MAX_MEM_BUFFER_SIZE, tfds_shuffle.tf
   tfds_shuffle.MAX_MEM_BUFFER_SIZE = min(previous_size, int(max_bytes))
-  tfds_shuffle.tf = _PYTHON_FILES_AS_TF
+  tfds_shuffle.tf = _PythonFilesAsTf(previous_tf)
   try:
     yield
   finally:
@@ -178,8 +196,11 @@ class ImageryWindows:
     self.path = pathlib.Path(path)
     if not self.path.is_file():
       raise reading.ReadError(self.path, 'file not found')
+    if self.path.suffix.lower() not in reading.IMAGE_EXTENSIONS:
+      raise reading.ReadError(self.path, f'unsupported extension {self.path.suffix!r}; expected '
+                              f'one of {reading.IMAGE_EXTENSIONS}')
     if self.path.suffix.lower() not in reading.TIFF_EXTENSIONS:
-      raise reading.ReadError(self.path, 'GeoTIFF has no CRS')
+      raise reading.ReadError(self.path, 'GeoTIFF has no CRS')  # PNG/JPEG carry none
     try:
       self._dataset = rasterio.open(self.path)
     except rasterio.errors.RasterioError as error:
@@ -195,7 +216,9 @@ class ImageryWindows:
     self.bits = _tiff_bits(dataset) if np.issubdtype(self.dtype, np.integer) else None
     if self.bits is None and self.dtype == np.uint8:
       self.bits = 8
-    self.strip_rows = max(1, int(strip_rows))
+    # Strips of the pass over the raster: at most SCAN_STRIP_PIXELS pixels (its per-band
+    # temporaries are 8 bytes a pixel).
+    self.strip_rows = max(1, min(int(strip_rows), SCAN_STRIP_PIXELS // self.width))
     # Which bands make RGB: reading's rule, applied to a one-pixel raster of band numbers.
     numbered = reading.Raster(pixels=np.arange(dataset.count).reshape(1, 1, -1),
                               geo=None, path=self.path)

@@ -70,6 +70,7 @@ RUN_ORDER = (
     "tests/test_models.py::test_every_model_runs_forward_and_backward[gated_fusion-dlinknet34]",
     "tests/test_models.py::test_every_model_runs_forward_and_backward[cmmpnet-linknet34]",
     "tests/test_train.py",
+    "tests/test_reliability.py",
     "tests/test_models.py::test_every_model_runs_forward_and_backward",
     "tests/test_benchmarks.py::test_entry_point_runs_end_to_end_and_writes_the_report",
     "tests/test_main.py",
@@ -85,7 +86,8 @@ RUN_ORDER = (
 # test_parity's converted release weights, test_models' tiny CMMPNet for the DEM ablations).
 # (xdist's own `--dist loadgroup` would do this with xdist_group marks, but with pytest 9.2 it
 # silently stops grouping: pytest-xdist issue #1386.)
-KEEP_TOGETHER = ("tests/test_sharding.py", "tests/test_train.py", "tests/test_parity.py",
+KEEP_TOGETHER = ("tests/test_sharding.py", "tests/test_train.py", "tests/test_reliability.py",
+                 "tests/test_parity.py",
                  "tests/test_models.py::test_dem_ablations_change_tree_and_output")
 
 

@@ -91,6 +91,88 @@ def test_wide_crossing_junction_pixels_merge_into_one_node():
   _node_at(graph, 60, 60, tol=3.0)
 
 
+def _wide_oblique_crossing():
+  """Two 30 px wide roads (15 px half-width, 15 m at 0.5 m/px) crossing at 70 degrees at
+  (140, 140), ending 20+ px inside the 281 px raster, with two 8 x 7 px bumps on the
+  horizontal road's edges (a car park entrance, a ragged prediction)."""
+  mask = np.zeros((281, 281), np.uint8)
+  cv2.line(mask, (30, 140), (250, 140), 1, 30)
+  dx, dy = 110 * math.cos(math.radians(70)), 110 * math.sin(math.radians(70))
+  cv2.line(mask, (round(140 - dx), round(140 - dy)), (round(140 + dx), round(140 + dy)), 1, 30)
+  mask[117:125, 60:68] = 1   # above the top edge (row 125)
+  mask[155:162, 205:212] = 1  # below the bottom edge (row 154)
+  return mask.astype(np.float32)
+
+
+def test_wide_crossing_is_one_junction_of_degree_four_without_spurs():
+  graph = graphs.extract_graph(_wide_oblique_crossing())
+  assert _degrees(graph) == [1, 1, 1, 1, 4]
+  _check_layout(graph)
+  junction, = [n for n in graph.nodes if graph.degree(n) == 4]
+  assert math.hypot(graph.nodes[junction]['x'] - 140, graph.nodes[junction]['y'] - 140) <= 2.0
+  # Arms run straight out of the crossing: every vertex of an arm lies within 3 px of the line
+  # from the junction to the arm's end; the skeleton's bend inside the crossing (thinning pulls
+  # the arms of an oblique crossing towards each other) is over 5 px off without straightening.
+  def bend(graph):
+    node, = [n for n in graph.nodes if graph.degree(n) == 4]
+    centre = np.array([graph.nodes[node]['x'], graph.nodes[node]['y']])
+    worst = 0.0
+    for _, other, key in graph.edges(node, keys=True):
+      coords = graphs.oriented_coords(graph, node, other, key) - centre
+      direction = coords[-1] / np.hypot(*coords[-1])
+      worst = max(worst, np.abs(coords[:, 0] * direction[1] - coords[:, 1] * direction[0]).max())
+    return worst
+  assert bend(graph) <= 3.0
+  assert bend(graphs.extract_graph(_wide_oblique_crossing(), graphs.GraphParams(
+      junction_straighten_radius_factor=0.0))) > 5.0
+  # With fixed pixel rules only (spur_length 12, junction_merge_distance 4), both bumps become
+  # spurs (a branch of about the half-width plus the bump) and the crossing two junctions.
+  fixed = graphs.extract_graph(_wide_oblique_crossing(), graphs.GraphParams(
+      junction_merge_radius_factor=0.0, spur_radius_factor=0.0,
+      junction_straighten_radius_factor=0.0))
+  assert _degrees(fixed) == [1, 1, 1, 1, 1, 1, 3, 3, 3, 3]
+
+
+def test_roads_leaving_the_raster_end_on_its_border_and_are_never_spurs():
+  # A diagonal 21 px road leaving through the bottom-right corner: with the border padded its
+  # centreline runs on to the corner pixel (unpadded, it forks at the cut end and ends 8 px off).
+  mask = np.zeros((200, 200), np.uint8)
+  cv2.line(mask, (60, 60), (260, 260), 1, 21)
+  graph = graphs.extract_graph(mask.astype(np.float32))
+  assert _degrees(graph) == [1, 1]
+  _node_at(graph, 199, 199, tol=1.0)
+  unpadded = graphs.extract_graph(mask.astype(np.float32), graphs.GraphParams(border_padding=0))
+  assert min(math.hypot(d['x'] - 199, d['y'] - 199) for _, d in unpadded.nodes(data=True)) > 4
+  # A side road 20 px long from a 21 px road to the top border: shorter than spur_length plus
+  # the road radius at its junction, but it leaves the raster, so it stays.
+  mask = np.zeros((100, 200), np.float32)
+  _bar(mask, 10, 31, 0, 200)   # through road, centre row 20, leaving on both sides
+  _bar(mask, 0, 31, 90, 111)   # side road, centre col 100, up to the border
+  graph = graphs.extract_graph(mask)
+  assert _degrees(graph) == [1, 1, 1, 3]
+  junction = _node_at(graph, 100, 20, tol=1.5)
+  assert graph.degree(junction) == 3
+  for x, y in ((0, 20), (199, 20), (100, 0)):
+    assert graph.degree(_node_at(graph, x, y, tol=1.0)) == 1
+
+
+@pytest.mark.parametrize('gap, snapped', [(4, True), (8, True), (14, False)])
+def test_dead_end_within_a_half_width_of_the_border_snaps_onto_it(gap, snapped):
+  mask = _bar(np.zeros((100, 200), np.float32), 40, 61, 30, 200 - gap)  # 21 px road, centre 50
+  graph = graphs.extract_graph(mask)
+  assert _degrees(graph) == [1, 1]
+  _check_layout(graph)
+  right = max(graph.nodes, key=lambda n: graph.nodes[n]['x'])
+  if snapped:  # the road stops within its half-width (10.5 px) of the border: it leaves there
+    assert graph.nodes[right]['x'] == 199.0 and abs(graph.nodes[right]['y'] - 50) <= 1
+  else:  # the skeleton stops about a half-width short of the road's end (col 185)
+    assert 170 <= graph.nodes[right]['x'] <= 180
+  off = graphs.extract_graph(mask, graphs.GraphParams(border_snap_radius_factor=0.0))
+  assert max(d['x'] for _, d in off.nodes(data=True)) <= 199 - gap - 8
+  left = min(graph.nodes, key=lambda n: graph.nodes[n]['x'])
+  assert 35 <= graph.nodes[left]['x'] <= 45  # 30 px from the left border: never snapped
+
+
 def test_t_junction():
   mask = np.zeros((100, 100), np.float32)
   _bar(mask, 18, 23, 10, 90)   # the through road, centre row 20
@@ -395,10 +477,18 @@ def test_write_graph_outputs_writes_three_files_and_an_overlay_of_image_size(tmp
 def test_block_skeleton_matches_whole_array_skeleton():
   tile = synthetic.generate_tile(7, size=512)
   probabilities = tile['mask'][..., 0].astype(np.float32)
-  whole = extract.skeleton_of(probabilities, graphs.GraphParams(block_size=0))
-  blocks = extract.skeleton_of(probabilities, graphs.GraphParams(block_size=200, block_overlap=60))
+  whole, whole_radius = extract.skeleton_and_radius(probabilities,
+                                                    graphs.GraphParams(block_size=0))
+  blocks, block_radius = extract.skeleton_and_radius(
+      probabilities, graphs.GraphParams(block_size=200, block_overlap=60))
   assert whole.sum() > 1000
   assert np.array_equal(whole, blocks)
+  # Radii (half pixels) on every skeleton pixel and nowhere else, equal across the seams (this
+  # tile's widest road has a 20.5 px radius, far below the 60 px overlap; its median is 14 px,
+  # about the half-width of the synthetic roads at 512 px).
+  assert np.array_equal(whole_radius, block_radius)
+  assert np.array_equal(whole_radius > 0, whole)
+  assert 10 <= np.median(whole_radius[whole]) / 2 <= 18 and whole_radius.max() / 2 <= 30
 
 
 def test_synthetic_city_graph_lies_on_its_roads():

@@ -158,18 +158,6 @@ def test_a_checkpoint_of_another_optimizer_or_data_order_is_a_mismatch_not_damag
   assert not (workdir / ckpt_lib.DAMAGED_DIR).exists()
 
 
-@pytest.mark.slow
-def test_training_resumes_past_a_damaged_checkpoint_to_the_same_state(reference, tmp_path,
-                                                                      capsys):
-  config, workdir = copy_run(reference, tmp_path)
-  _random_bytes(workdir / "checkpoints" / "6")
-  train.train_and_evaluate(config, str(workdir))
-  out = capsys.readouterr().out
-  assert "WARNING: skipping step 6" in out and "Resumed from step 3" in out
-  assert (workdir / ckpt_lib.DAMAGED_DIR / "6-state").is_dir()
-  assert_same_final_state(reference, workdir)
-
-
 # --- best/ and checkpoints/ out of step ---------------------------------------------------------
 
 @pytest.mark.slow
@@ -221,12 +209,13 @@ def test_saving_a_step_that_a_manager_already_holds_replaces_it(tmp_path):
 # --- save before evaluation, SIGTERM, SIGKILL ----------------------------------------------------
 
 @pytest.mark.slow
-def test_a_failing_evaluation_keeps_the_step_and_the_resume_evaluates_it(reference, tmp_path,
-                                                                         monkeypatch, capsys):
-  """The run (resumed at step 3) reaches step 6, whose evaluation fails (a damaged validation
-  file): step 6 is saved all the same, and the next resume evaluates it without training."""
+def test_training_resumes_past_a_damaged_checkpoint_and_a_failing_evaluation_loses_nothing(
+    reference, tmp_path, monkeypatch, capsys):
+  """Random bytes in checkpoints/6: training skips it (moved aside) and resumes from step 3; at
+  step 6 the evaluation fails (a damaged validation file), after step 6 was saved; the next
+  resume evaluates step 6 without training. The end state is the uninterrupted run's."""
   config, workdir = copy_run(reference, tmp_path)
-  shutil.rmtree(workdir / "checkpoints" / "6")
+  _random_bytes(workdir / "checkpoints" / "6")
   real = evaluate.evaluate_split
 
   def damaged_at_step_6(eval_step, state, *args, **kwargs):
@@ -237,9 +226,11 @@ def test_a_failing_evaluation_keeps_the_step_and_the_resume_evaluates_it(referen
   monkeypatch.setattr(evaluate, "evaluate_split", damaged_at_step_6)
   with pytest.raises(OSError, match="hash mismatch"):
     train.train_and_evaluate(config, str(workdir))
+  out = capsys.readouterr().out
+  assert "WARNING: skipping step 6" in out and "Resumed from step 3" in out
+  assert (workdir / ckpt_lib.DAMAGED_DIR / "6-state").is_dir()
   assert steps_in(workdir / "checkpoints") == [3, 6]  # saved before the evaluation failed
   monkeypatch.setattr(evaluate, "evaluate_split", real)
-  capsys.readouterr()
   train.train_and_evaluate(config, str(workdir))
   out = capsys.readouterr().out
   assert re.search(r"Resumed from step 6 .*\n(.*\n)*eval at step 6: ", out), out

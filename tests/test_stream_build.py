@@ -68,10 +68,9 @@ def build_both(tmp_path, folder, monkeypatch, **spec_fields):
   them all in memory)."""
   monkeypatch.setattr(streaming, 'DEFAULT_GPS_CHUNK_ROWS', 97)
   opened = []
-  real_open = streaming._open_bucket
-  monkeypatch.setattr(streaming, '_open_bucket',
-                      lambda path, mode: opened.append(path) or real_open(path, mode))
-  monkeypatch.setattr(streaming._PYTHON_FILES_AS_TF.io.gfile, 'GFile', streaming._open_bucket)
+  real_open = streaming._PythonFilesAsTf._open
+  monkeypatch.setattr(streaming._PythonFilesAsTf, '_open',
+                      lambda self, path, mode: opened.append(path) or real_open(self, path, mode))
   fields = dict(imagery=str(folder / 'area.tif'), roads=str(folder / 'roads.geojson'),
                 gps=(str(folder / 'gps.csv'),), tile_size=16, validation_fraction=0.2,
                 test_fraction=0.2, **spec_fields)
@@ -244,3 +243,36 @@ def test_streamed_build_errors_leave_nothing(tmp_path):
   assert not (tmp_path / 'data' / 'custom' / 'x' / '1.1.0').exists()
   with pytest.raises(common.SpecError, match='streaming must be true or false'):
     CustomSpec(imagery='a.tif', roads='r.geojson', streaming='yes').validate('spec')
+
+
+def test_streamed_utm_raster_with_lonlat_roads_and_gps_equals_in_memory(tmp_path, monkeypatch):
+  """Roads and GPS in lon/lat on a UTM raster: reprojected once (streamed) or per use."""
+  import rasterio.warp
+  folder = tmp_path / 'utm'
+  folder.mkdir()
+  west, north, size = 500000.0, 4000000.0, 45
+  geo = geo_lib.GeoInfo.from_bounds((west, north - size, west + size, north), size, size,
+                                    'EPSG:32629')
+  rng = np.random.default_rng(6)
+  geo_lib.write_geotiff(folder / 'area.tif', rng.integers(0, 256, (size, size, 3), np.uint8),
+                        geo)
+
+  def to_lonlat(x, y):
+    lon, lat = rasterio.warp.transform('EPSG:32629', 'EPSG:4326', np.ravel(x), np.ravel(y))
+    return np.array(lon), np.array(lat)
+
+  lines = [[(west - 3, north - 7.3), (west + 50, north - 30.1)],
+           [(west + 22.4, north + 4), (west + 21.7, north - 60)]]
+  features = []
+  for line in lines:
+    lon, lat = to_lonlat(*np.array(line).T)
+    features.append({'type': 'Feature', 'properties': {}, 'geometry': {
+        'type': 'LineString', 'coordinates': np.stack([lon, lat], 1).tolist()}})
+  (folder / 'roads.geojson').write_text(json.dumps({'type': 'FeatureCollection',
+                                                    'features': features}))
+  lon, lat = to_lonlat(west + rng.uniform(-5, 60, 800), north - rng.uniform(-5, 60, 800))
+  (folder / 'gps.csv').write_text('lon,lat\n' + ''.join(
+      f'{float(a)!r},{float(b)!r}\n' for a, b in zip(lon, lat)))
+  memory, streamed = build_both(tmp_path, folder, monkeypatch, road_width_m=3.0)
+  assert assert_same_build(memory, streamed) == 9
+  assert streamed.info.metadata['custom_area']['road_pixels'] > 100

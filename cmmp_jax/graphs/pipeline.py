@@ -1,9 +1,12 @@
 """The whole extraction: probability map (+ optional GPS heat-map) -> cleaned road graph (pixels).
 
 Steps: threshold and clean the mask (small blobs, small holes); with trajectories, paint in the
-road pieces the heat-map shows but the image missed; skeletonise (both in blocks for rasters
-larger than GraphParams.block_size, so memory stays bounded by the block size);
-build the junction / end point graph (skan); merge junction clusters, prune spurs, split loops;
+road pieces the heat-map shows but the image missed; pad the raster border (edge-replicated,
+so roads leaving the raster keep their centrelines), skeletonise and take the road radius at
+each skeleton pixel (distance transform) (all in blocks for rasters larger than
+GraphParams.block_size, so memory stays bounded by the block size); build the junction / end
+point graph (skan); merge junction clusters, prune spurs (both scaled by the road radius),
+straighten edges inside junction discs, snap dead ends near the border onto it, split loops;
 bridge gaps (with trajectories: only where vehicles drove); simplify polylines; renumber.
 """
 from __future__ import annotations
@@ -57,11 +60,11 @@ def extract_graph(probabilities, params: GraphParams | None = None,
   extra, recovered = None, 0
   if fixes is not None and params.recover:
     extra, recovered = completion.recover_in_blocks(probabilities, fixes, params)
-  skeleton = extract.skeleton_of(probabilities, params, extra)
+  skeleton, radius_halfpx = extract.skeleton_and_radius(probabilities, params, extra)
   del extra
-  graph = extract.skeleton_to_graph(skeleton)
-  del skeleton
-  extract.clean_graph(graph, params)
+  graph = extract.skeleton_to_graph(skeleton, radius_halfpx)
+  del skeleton, radius_halfpx
+  extract.clean_graph(graph, params, (height, width))
   evidence = completion.TrafficEvidence(fixes, params) if fixes is not None else None
   counts = bridging.bridge_gaps(graph, params, evidence)
   extract.simplify_graph(graph, params.simplify_tolerance)

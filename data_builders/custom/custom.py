@@ -80,13 +80,14 @@ tiles, and each row's heat-map is rendered from its bucket. Rows of mask and hea
 compressed, in a work folder beside the downloads (deleted after the build); examples are
 made tile by tile, in raster order within each split, and TFDS's writer spills them to disk
 beyond 64 MB. Peak memory then depends on the width of a row of tiles, the GPS chunk and the
-busiest row of tiles' GPS points (16 bytes each), not on the raster's size: measured 0.4-0.5 GB
+busiest row of tiles' GPS points (16 bytes each), not on the raster's size: measured 535-543 MiB
 from 5k x 5k to 20k x 20k px with 10 million GPS points (benchmarks/stream_build.py). The
 examples, splits, recorded preparation and counts are bit-identical to those of
 streaming: false, which holds the whole raster, its mask and every GPS point in memory (Area;
-about 5 bytes per pixel plus ~100 per GPS point while reading them), and is as fast. Float
-imagery under 'percentile' is the exception: streamed, its stretch comes from a decimated read
-of at most 4M pixels (the recorded values are what was applied).
+about 5 bytes per pixel plus ~100 per GPS point while reading them: 1.6 GB at 5k x 5k, 1.8 GB
+at 10k x 10k with 10M points) and is slower (it parses CSVs row by row). Float imagery under
+'percentile' is the exception: streamed, its stretch comes from a decimated read of at most 4M
+pixels (the recorded values are what was applied).
 """
 from __future__ import annotations
 
@@ -642,9 +643,6 @@ class Area(_AreaChecks):
                  len(self.tiles), self.counts['gps_points'],
                  self.counts['gps_points_on_raster'], self.preparation.describe())
 
-  def close(self) -> None:
-    """Nothing to release (StreamingArea's counterpart)."""
-
   def example(self, tile: Tile) -> dict:
     """The example dict of one tile (zero-padded past the raster's edge)."""
     size = self.spec.tile_size
@@ -857,11 +855,13 @@ class Custom(common.RoadTileBuilder):
       download_dir = pathlib.Path(dl_manager.download_dir)
       download_dir.mkdir(parents=True, exist_ok=True)
       work_dir = tempfile.mkdtemp(prefix='custom-stream-', dir=download_dir)
-      self._areas.append(_PendingWorkDir(pathlib.Path(work_dir)))
+      # Closed by _download_and_prepare (the only caller, normally).
+      areas = self.__dict__.setdefault('_areas', [])
+      areas.append(_PendingWorkDir(pathlib.Path(work_dir)))
       area = StreamingArea(spec, manual_dir, source, work_dir)
+      areas.append(area)
     else:
       area = Area(spec, manual_dir, source)
-    self._areas.append(area)
     self.record_preparation(area.preparation, custom_area={
         'imagery': str(area.imagery_path), 'crs': area.geo.crs.to_string(),
         'transform': list(tuple(area.geo.transform)[:6]), **area.counts})
@@ -875,9 +875,10 @@ class Custom(common.RoadTileBuilder):
             for name, ids in parts.items() if ids}
 
   def _download_and_prepare(self, *args, **kwargs):
-    # GDAL's block cache bounded (its default is 5% of the machine's memory); streamed areas
-    # closed and their work folders deleted however the build ends.
-    self._areas = []
+    # GDAL's block cache and TFDS's in-memory example buffer bounded (their defaults are 5% of
+    # the machine's memory and 1 GB; data_builders.streaming); streamed areas closed and their
+    # work folders deleted however the build ends.
+    self._areas = []  # what _split_generators opens: closed below
     try:
       with rasterio.Env(GDAL_CACHEMAX=streaming.GDAL_CACHE_BYTES), \
           streaming.bounded_tfds_shuffle_buffer():
