@@ -64,7 +64,8 @@ def test_console_is_for_people_and_the_log_file_has_the_rest(tmp_path):
   evaluation = run_main(*TINY, f"--config.data.data_dir={tmp_path / 'data'}",
                         f"--workdir={workdir}", "--mode=eval", "--verbosity=0")
   assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-  assert re.fullmatch(r"test @ step [36]: G_IoU .* \(2 tiles\) -> .*eval_test_[36]\.json\n",
-                      evaluation.stdout), evaluation.stdout
+  # The pixel metrics, then the road-graph metrics (APLS / TOPO) of the same split.
+  assert re.fullmatch(r"test @ step [36]: G_IoU .* \(2 tiles\) -> .*eval_test_[36]\.json\n"
+                      r"  graph metrics: APLS .*\n", evaluation.stdout), evaluation.stdout
   # --verbosity=0: absl's INFO records of the libraries (orbax restoring) reach the console.
   assert re.search(r"^I\d{4} .*orbax", evaluation.stderr, re.MULTILINE), evaluation.stderr[-2000:]
