@@ -4,6 +4,7 @@ layer kind of the full model, XLA's formulation beside the alternatives, in one 
     python -m benchmarks.layers [--cases=SUBSTR,...] [--variants=xla,fast,...] [--rounds=7]
         [--batch=2 --size=256] [--issue] [--json=PATH] [--list]
     python -m benchmarks.layers --step=subpixel,dilated [--rounds=6] [--json=PATH]
+    python -m benchmarks.layers --guard [--rounds=8] [--json=PATH]
 
 The layers are those of the full CMMPNet (width 1.0, depths 3,4,6,3) on a batch x size x size
 input (default 2 x 256 x 256, float32): each distinct convolution (kernel, stride, dilation,
@@ -418,6 +419,86 @@ def measure_step_stages(method: str, rounds: int, *, batch: int = 2, size: int =
   return times
 
 
+def measure_guard(rounds: int, *, batch: int = 2, size: int = 256) -> dict[str, list[float]]:
+  """Seconds of the parts after the backward pass, full-size model (width 1, depths 3,4,6,3,
+  subpixel, batch x size x size): the loss's forward + backward; + Adam (state.apply_gradients,
+  donated, no guard); the real train step (+ gradient norm, isfinite, lax.cond); the same guard
+  as a jnp.where over the state; and, isolated on the same parameters, Adam alone and the guard
+  + Adam, with torch.optim.Adam.step on the same shapes when torch imports. Interleaved rounds."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from benchmarks import train_step as ts  # pylint: disable=import-outside-toplevel
+  from cmmp_jax import sharding  # pylint: disable=import-outside-toplevel
+  from cmmp_jax import steps as step_fns  # pylint: disable=import-outside-toplevel
+  spec = ts.StepSpec(width=1.0, depths=(3, 4, 6, 3), size=size, batch=batch,
+                     upsample_method="subpixel")
+  mesh = ts.make_mesh()
+  config = spec.config()
+  model, state = ts.make_state(spec, ts.initial_variables(spec), mesh)
+  data = sharding.to_global_batch(ts.synthetic_batch(batch, size), mesh)
+  loss_fn = step_fns.make_loss_fn(model, config)
+
+  def plain(s, b):
+    (_, u), g = jax.value_and_grad(loss_fn, has_aux=True)(s.params, s.batch_stats, b)
+    return s.apply_gradients(grads=g, batch_stats=u["batch_stats"])
+
+  def where_guard(s, b):
+    (loss, u), g = jax.value_and_grad(loss_fn, has_aux=True)(s.params, s.batch_stats, b)
+    ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(g))
+    new = s.apply_gradients(grads=g, batch_stats=u["batch_stats"])
+    return jax.tree.map(lambda a, b_: jnp.where(ok, a, b_), new, s)
+
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params)
+
+  def adam(s, g):
+    return s.apply_gradients(grads=g, batch_stats=s.batch_stats)
+
+  def guarded_adam(s, g):
+    finite = jnp.isfinite(optax.tree.norm(g))
+    return jax.lax.cond(finite, adam, lambda s_, g_: s_, s, g)
+
+  fb = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  jitted = {"fwd+bwd+adam (no guard)": jax.jit(plain, donate_argnums=(0,)),
+            "train step (norm, isfinite, cond)": step_fns.make_train_step(model, config, mesh),
+            "guard as jnp.where": jax.jit(where_guard, donate_argnums=(0,))}
+  states = {name: jax.tree.map(jnp.copy, state) for name in jitted}
+  isolated = {"adam alone": jax.jit(adam, donate_argnums=(0,)),
+              "guard + adam alone": jax.jit(guarded_adam, donate_argnums=(0,))}
+  states.update({name: jax.tree.map(jnp.copy, state) for name in isolated})
+
+  def call_step(name):
+    out = jitted[name](states[name], data)
+    states[name] = out[0] if isinstance(out, tuple) else out
+    return states[name]
+
+  def call_isolated(name):
+    states[name] = isolated[name](states[name], grads)
+    return states[name]
+
+  calls = {"fwd+bwd": lambda: fb(state.params, state.batch_stats, data)}
+  calls.update({name: functools.partial(call_step, name) for name in jitted})
+  calls.update({name: functools.partial(call_isolated, name) for name in isolated})
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    print("torch is not importable: PyTorch's Adam is not timed")
+  else:
+    tensors = [torch.zeros(x.shape, dtype=torch.float32, requires_grad=True)
+               for x in jax.tree.leaves(state.params)]
+    for t in tensors:
+      t.grad = torch.full_like(t, 1e-3)
+    optimizer = torch.optim.Adam(tensors, lr=1e-4)
+    calls["torch Adam.step alone"] = optimizer.step
+  for fn in calls.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, fn in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
 FLAGS = flags.FLAGS
 
 
@@ -432,6 +513,8 @@ def define_flags() -> None:
   flags.DEFINE_list("step", [], "Instead of layers: time the full train step (width 1, depths "
                     "3,4,6,3, --batch x --size) at each of STEP_STAGES for these "
                     "upsample methods (dilated, subpixel), in this process.")
+  flags.DEFINE_bool("guard", False, "Instead of layers: time the parts after the backward "
+                    "(Adam, the NaN guard) of the full-size train step (measure_guard).")
   flags.DEFINE_string("json", None, "Write the results to this file.")
 
 
@@ -441,6 +524,14 @@ def main(argv: Sequence[str]) -> None:
   unknown = sorted(set(FLAGS.variants) - set(CONV_VARIANTS) - {TORCH})
   if unknown:
     raise app.UsageError(f"--variants: unknown {unknown}; choose from {', '.join(CONV_VARIANTS)}")
+  if FLAGS.guard:
+    times = measure_guard(FLAGS.rounds, batch=FLAGS.batch, size=FLAGS.size)
+    for name, seconds in times.items():
+      print(f"{name:36s} median {1e3 * statistics.median(seconds):8.1f} ms  "
+            f"min {1e3 * min(seconds):8.1f} ms", flush=True)
+    if FLAGS.json:
+      pathlib.Path(FLAGS.json).write_text(json.dumps(times, indent=2))
+    return
   if FLAGS.step:
     report = {}
     for method in FLAGS.step:

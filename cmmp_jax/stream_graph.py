@@ -74,6 +74,7 @@ def extract_streamed_graph(prob_path, params: GraphParams | None = None) -> nx.M
   graph = nx.MultiGraph()
   ids = itertools.count()
   border = {}  # (row, col) of a skeleton pixel on a core's edge -> its core
+  radii = {}  # ... -> its road radius (skeleton_to_graph's rounding to half pixels)
   with stream.gdal_env(), rasterio.open(prob_path) as dataset:
     height, width = dataset.height, dataset.width
     for r0 in range(0, height, core):
@@ -95,7 +96,9 @@ def extract_streamed_graph(prob_path, params: GraphParams | None = None) -> nx.M
         edge[:, [0, -1]] = True
         for row, col in zip(*np.nonzero(thin & edge)):
           border[(int(row) + r0, int(col) + c0)] = (r0, c0)
-  _stitch(graph, border, ids)
+          radii[(int(row) + r0, int(col) + c0)] = float(
+              extract.radius_to_half_pixels(radius[row, col])) / 2.0
+  _stitch(graph, border, ids, radii)
   extract.clean_graph(graph, params, (height, width))
   counts = bridging.bridge_gaps(graph, params, None)
   extract.simplify_graph(graph, params.simplify_tolerance)
@@ -106,7 +109,7 @@ def extract_streamed_graph(prob_path, params: GraphParams | None = None) -> nx.M
   return graph
 
 
-def _stitch(graph: nx.MultiGraph, border: dict, ids) -> None:
+def _stitch(graph: nx.MultiGraph, border: dict, ids, radii: dict) -> None:
   """Joins touching skeleton pixels of different cores (module docstring), in place."""
   pairs = set()
   for (row, col), core in border.items():
@@ -135,6 +138,9 @@ def _stitch(graph: nx.MultiGraph, border: dict, ids) -> None:
     for node, index in zip(new_nodes, indices):
       node_at[(int(round(coords[index, 1])), int(round(coords[index, 0])))] = node
     _split_at(graph, u, v, key, indices, new_nodes)
+    for node in new_nodes:  # the radius skeleton_to_graph gives a node at that pixel
+      pixel = (int(round(graph.nodes[node]['y'])), int(round(graph.nodes[node]['x'])))
+      graph.nodes[node]['radius'] = radii.get(pixel, 0.0)
   for p, q in sorted(pairs):
     if p not in node_at or q not in node_at:  # not in a core graph (never expected)
       continue
