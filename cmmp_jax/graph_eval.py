@@ -41,6 +41,7 @@ import tensorflow_datasets as tfds
 
 from cmmp_jax import config_checks, sharding, topology
 from cmmp_jax import graphs as graphs_lib
+from cmmp_jax.data import geo as geo_lib
 from data_builders import build as build_lib
 
 # Per-dataset pixel sizes where tiles carry no usable bounds: (metres per pixel, where it is
@@ -66,8 +67,7 @@ GT_FROM_MASKS = 'extracted from masks'
 
 
 def _metres_per_degree(lat_deg: float) -> tuple[float, float]:
-  from data_builders.custom import custom  # pylint: disable=g-import-not-at-top
-  lon_m, lat_m = custom.metres_per_degree(lat_deg)
+  lon_m, lat_m = geo_lib.metres_per_degree(lat_deg)
   return float(lon_m), float(lat_m)
 
 

@@ -82,7 +82,6 @@ import json
 import numbers
 import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -426,18 +425,7 @@ def write_png_atomic(path, array: np.ndarray) -> None:
     array = array[..., 0]
   buffer = io.BytesIO()
   Image.fromarray(np.ascontiguousarray(array)).save(buffer, format='PNG')
-  handle, temp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-  try:
-    with os.fdopen(handle, 'wb') as temp_file:
-      temp_file.write(buffer.getvalue())
-    os.chmod(temp_name, geo_lib.new_file_mode())  # mkstemp's 0600 -> 0666 less the umask
-    os.replace(temp_name, path)
-  except BaseException:
-    try:
-      os.remove(temp_name)
-    except FileNotFoundError:
-      pass
-    raise
+  geo_lib.write_bytes_atomic(path, buffer.getvalue())
 
 
 def output_paths(output_dir, stem: str, georeferenced: bool) -> dict[str, pathlib.Path]:

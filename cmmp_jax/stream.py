@@ -223,18 +223,6 @@ def stream_dir(output_dir, stem: str) -> pathlib.Path:
   return pathlib.Path(output_dir) / f'{stem}{STREAM_SUFFIX}'
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-  handle, temp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-  try:
-    with os.fdopen(handle, 'wb') as file:
-      file.write(data)
-    os.replace(temp, path)
-  except BaseException:
-    if os.path.exists(temp):
-      os.remove(temp)
-    raise
-
-
 def _save_block(path: pathlib.Path, values: np.ndarray) -> None:
   handle, temp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
   try:
@@ -273,7 +261,7 @@ def _read_done(folder: pathlib.Path, signature: dict) -> set[tuple[int, int]]:
 def _write_progress(folder: pathlib.Path, signature: dict, band_index: int,
                     done: set[tuple[int, int]]) -> None:
   data = {'format': PROGRESS_FORMAT, 'signature': signature, 'done': sorted(done)}
-  _atomic_write_bytes(_progress_path(folder, band_index), json.dumps(data).encode())
+  geo_lib.write_bytes_atomic(_progress_path(folder, band_index), json.dumps(data).encode())
 
 
 def _signature_matches_folder(folder: pathlib.Path, signature: dict) -> bool:

@@ -344,7 +344,7 @@ def test_geojson_crs_and_geometry_parsing(tmp_path):
       'type': 'LineString', 'coordinates': [[0, 0], [float('nan'), 1]]}}))
   with pytest.raises(common.DatasetFileError, match=r'g\.geojson.*NaN'):
     custom_lib.read_road_geometries(path)
-  lon_m, lat_m = custom_lib.metres_per_degree(np.array([0.0, 60.0]))
+  lon_m, lat_m = geo_lib.metres_per_degree(np.array([0.0, 60.0]))
   # Reference values of the WGS84 ellipsoid: 111.319/110.574 km at 0 deg, 55.800/111.412 at 60.
   np.testing.assert_allclose(lon_m, [111319.5, 55800.0], atol=1.0)
   np.testing.assert_allclose(lat_m, [110574.3, 111412.3], atol=1.0)

@@ -228,6 +228,24 @@ def new_file_mode() -> int:
   return 0o666 & ~umask
 
 
+def write_bytes_atomic(path, payload: bytes) -> None:
+  """Writes `payload` to `path` through a temporary file in its folder, then os.replace, with
+  new_file_mode(): a reader never sees a partial file and a failed write leaves the old one."""
+  path = pathlib.Path(path)
+  handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(handle, "wb") as temp_file:
+      temp_file.write(payload)
+    os.chmod(temp_name, new_file_mode())  # mkstemp's 0600 -> 0666 less the umask
+    os.replace(temp_name, path)
+  except BaseException:
+    try:
+      os.remove(temp_name)
+    except FileNotFoundError:
+      pass
+    raise
+
+
 def write_geotiff(path, array, geo: GeoInfo, *, compress: str | None = "lzw",
                   nodata: float | None = None) -> None:
   """Writes an (H, W) or (H, W, C) array as a GeoTIFF, atomically.
@@ -382,3 +400,18 @@ def _parse_polyline(text, where: str) -> np.ndarray:
     raise TrajectoryFormatError(f"{where}: POLYLINE point outside lon [-180, 180] / lat [-90, 90] "
                                 f"(are lon and lat swapped?)")
   return coords
+
+# Metres per degree on the WGS84 ellipsoid as a function of latitude (series of the
+# meridian and parallel radii of curvature; error below 1 cm per degree).
+_M_PER_DEG_LAT = (111132.954, -559.822, 1.175)
+_M_PER_DEG_LON = (111412.84, -93.5, 0.118)
+
+
+def metres_per_degree(lat_deg: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+  """(metres per degree of longitude, of latitude) on the WGS84 ellipsoid."""
+  phi = np.deg2rad(lat_deg)
+  lat_m = (_M_PER_DEG_LAT[0] + _M_PER_DEG_LAT[1] * np.cos(2 * phi)
+           + _M_PER_DEG_LAT[2] * np.cos(4 * phi))
+  lon_m = (_M_PER_DEG_LON[0] * np.cos(phi) + _M_PER_DEG_LON[1] * np.cos(3 * phi)
+           + _M_PER_DEG_LON[2] * np.cos(5 * phi))
+  return lon_m, lat_m

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping
 
 import affine
@@ -35,6 +34,7 @@ import rasterio.crs
 import rasterio.warp
 import shapely
 
+from cmmp_jax.data import geo as geo_lib
 from cmmp_jax.graphs import extract
 from cmmp_jax.graphs.params import GraphParams
 
@@ -221,30 +221,14 @@ def render_overlay(graph: nx.MultiGraph, background: np.ndarray) -> np.ndarray:
 # Writing.
 
 
-def write_bytes_atomic(path, payload: bytes) -> None:
-  """Writes bytes to `path` through a temporary file in its folder and os.replace."""
-  path = pathlib.Path(path)
-  handle, temp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-  try:
-    with os.fdopen(handle, 'wb') as temp_file:
-      temp_file.write(payload)
-    os.replace(temp_name, path)
-  except BaseException:
-    try:
-      os.remove(temp_name)
-    except FileNotFoundError:
-      pass
-    raise
-
-
 def write_geojson(path, graph: nx.MultiGraph, geo=None, *, wgs84: bool = False) -> None:
-  write_bytes_atomic(path, json.dumps(graph_to_geojson(graph, geo, wgs84=wgs84)).encode())
+  geo_lib.write_bytes_atomic(path, json.dumps(graph_to_geojson(graph, geo, wgs84=wgs84)).encode())
 
 
 def write_graphml(path, graph: nx.MultiGraph, geo=None) -> None:
   buffer = io.BytesIO()
   nx.write_graphml(_graphml_ready(graph, geo), buffer)
-  write_bytes_atomic(path, buffer.getvalue())
+  geo_lib.write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_overlay(path, graph: nx.MultiGraph, background: np.ndarray) -> None:
@@ -252,7 +236,7 @@ def write_overlay(path, graph: nx.MultiGraph, background: np.ndarray) -> None:
   ok, encoded = cv2.imencode('.png', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
   if not ok:
     raise OSError(f'{path}: PNG encoding failed')
-  write_bytes_atomic(path, encoded.tobytes())
+  geo_lib.write_bytes_atomic(path, encoded.tobytes())
 
 
 def graph_output_paths(output_dir, stem: str) -> dict[str, pathlib.Path]:

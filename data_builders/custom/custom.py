@@ -119,10 +119,6 @@ from data_builders import streaming
 
 SPEC_FILE_NAMES = ('custom.json', 'custom.yaml', 'custom.yml')
 DEFAULT_ROAD_WIDTH_M = 4.0
-# Metres per degree on the WGS84 ellipsoid as a function of latitude (series of the
-# meridian and parallel radii of curvature; error below 1 cm per degree).
-_M_PER_DEG_LAT = (111132.954, -559.822, 1.175)
-_M_PER_DEG_LON = (111412.84, -93.5, 0.118)
 # Longest centerline piece handled at once, in pixels (bounds a search window's size).
 _PIECE_PX = 256
 
@@ -248,16 +244,6 @@ def load_spec_file(manual_dir: pathlib.Path, name: str | None) -> tuple[CustomSp
 
 # ---------------------------------------------------------------------------
 # Road mask.
-
-
-def metres_per_degree(lat_deg: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
-  """(metres per degree of longitude, of latitude) on the WGS84 ellipsoid."""
-  phi = np.deg2rad(lat_deg)
-  lat_m = (_M_PER_DEG_LAT[0] + _M_PER_DEG_LAT[1] * np.cos(2 * phi)
-           + _M_PER_DEG_LAT[2] * np.cos(4 * phi))
-  lon_m = (_M_PER_DEG_LON[0] * np.cos(phi) + _M_PER_DEG_LON[1] * np.cos(3 * phi)
-           + _M_PER_DEG_LON[2] * np.cos(5 * phi))
-  return lon_m, lat_m
 
 
 def geojson_crs(collection: Mapping, path: pathlib.Path) -> rasterio.crs.CRS:
@@ -408,7 +394,7 @@ def rasterize_roads(geometries: Sequence[dict], geometries_crs, geo: geo_lib.Geo
   crs = geo.crs
   if crs.is_geographic:
     def units_to_m(y):
-      return metres_per_degree(y)
+      return geo_lib.metres_per_degree(y)
   else:
     factor = crs.linear_units_factor[1]
     def units_to_m(y):
@@ -469,7 +455,7 @@ def _half_width_px(geo: geo_lib.GeoInfo, road_width_m: float) -> float:
   crs = geo.crs
   pixel = max(abs(geo.transform.a), abs(geo.transform.e))
   if crs.is_geographic:
-    lon_m, lat_m = metres_per_degree(geo.bounds[1])
+    lon_m, lat_m = geo_lib.metres_per_degree(geo.bounds[1])
     pixel_m = pixel * min(float(lon_m), float(lat_m))
   else:
     pixel_m = pixel * crs.linear_units_factor[1]
@@ -482,7 +468,7 @@ def _max_half_width_px(geo: geo_lib.GeoInfo, road_width_m: float) -> float:
   crs, t = geo.crs, geo.transform
   if crs.is_geographic:
     farthest = max(abs(geo.bounds[1]), abs(geo.bounds[3]))
-    kx, ky = (float(v) for v in metres_per_degree(min(farthest, 89.9)))
+    kx, ky = (float(v) for v in geo_lib.metres_per_degree(min(farthest, 89.9)))
   else:
     kx = ky = crs.linear_units_factor[1]
   pixel_m = min(math.hypot(t.a * kx, t.d * ky), math.hypot(t.b * kx, t.e * ky))
