@@ -109,8 +109,11 @@ def evaluate(config, workdir, split: str | None = None) -> dict:
   result, _ = evaluate_split(steps.make_eval_step(model, mesh, tta=config.eval.tta), state,
                              source, config, mesh,
                              on_probs=scorer.add if scorer is not None else None)
-  result.update(step=step, split=split, checkpoint=str(config.eval.checkpoint),
-                tta=bool(config.eval.tta))
+  asked = str(config.eval.checkpoint)
+  # 'best' falls back to the latest intact step when best/ has no usable one: say which was used.
+  used = (asked if asked != "best" or (pathlib.Path(workdir) / "best" / str(step)).is_dir()
+          else "latest (no usable best checkpoint)")
+  result.update(step=step, split=split, checkpoint=used, tta=bool(config.eval.tta))
   if scorer is not None and sharding.is_primary():
     result.update(scorer.summary())
   path = pathlib.Path(workdir) / f"eval_{split}_{step}.json"

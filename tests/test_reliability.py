@@ -438,6 +438,7 @@ def test_a_validation_split_without_roads_falls_back_to_the_latest_checkpoint(re
   result = evaluate.evaluate(config, str(workdir), split="test")  # config.eval.checkpoint 'best'
   assert result["step"] == 6
   assert "WARNING: no best checkpoint" in capsys.readouterr().out
+  assert result["checkpoint"] == "latest (no usable best checkpoint)"  # the JSON says so too
 
 
 def test_the_summary_names_no_best_step_when_no_evaluation_could_select_one():
