@@ -27,6 +27,7 @@ import fcntl
 import importlib
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -63,6 +64,10 @@ class UnknownDatasetError(BuildError, KeyError):
 
 class BuilderImportError(BuildError, ImportError):
   """The builder module of a registered name cannot be imported or lacks its class."""
+
+
+class BeamPipelineError(BuildError):
+  """A step of a Beam build failed (the message is the step's error and the step's name)."""
 
 
 class UnknownConfigError(BuildError, ValueError):
@@ -150,8 +155,21 @@ def _recover(version_dir: pathlib.Path) -> None:
       backup.rename(version_dir)
 
 
+def beam_options(text: str | None):
+  """Apache Beam PipelineOptions from tfds build's syntax, comma-separated flags without their
+  dashes ('runner=DirectRunner,direct_num_workers=2'); None for None or ''."""
+  if not text:
+    return None
+  try:
+    from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise BuildError(f'--beam_pipeline_options needs Apache Beam ({error})') from error
+  return pipeline_options.PipelineOptions(flags=[f'--{flag}' for flag in text.split(',')])
+
+
 def build(name: str, data_dir: os.PathLike | str, config: str | None = None,
-          manual_dir: os.PathLike | str | None = None, overwrite: bool = False) -> pathlib.Path:
+          manual_dir: os.PathLike | str | None = None, overwrite: bool = False,
+          beam_pipeline_options: str | None = None) -> pathlib.Path:
   """Builds data set `name` (builder config `config`) into data_dir; returns its version folder.
 
   An existing complete build is reused unless `overwrite`. Nothing that looks complete is left
@@ -165,6 +183,8 @@ def build(name: str, data_dir: os.PathLike | str, config: str | None = None,
       tlcgis, custom); passed to TFDS as DownloadConfig.manual_dir.
     overwrite: rebuild even when a complete build exists (the old one is kept until the new
       one is complete).
+    beam_pipeline_options: build with Apache Beam through TFDS, with these pipeline options
+      (beam_options' syntax; builders that support it: custom). None: no Beam.
 
   Returns:
     pathlib.Path of DIR/NAME/CONFIG/VERSION.
@@ -174,6 +194,7 @@ def build(name: str, data_dir: os.PathLike | str, config: str | None = None,
     manual_dir = pathlib.Path(manual_dir).expanduser().absolute()
     if not manual_dir.is_dir():
       raise FileNotFoundError(f'{manual_dir}: --manual_dir is not a folder')
+  options = beam_options(beam_pipeline_options)
   builder = make_builder(name, data_dir, config)
   version_dir = pathlib.Path(os.fspath(builder.data_path))
   label = f'{name}/{builder.builder_config.name}' if builder.builder_config else name
@@ -194,10 +215,17 @@ def build(name: str, data_dir: os.PathLike | str, config: str | None = None,
     try:
       # A fresh builder: the first one may have read the old build's metadata.
       builder = make_builder(name, data_dir, config)
-      builder.download_and_prepare(
-          download_dir=os.fspath(data_dir / 'downloads'),
-          download_config=tfds.download.DownloadConfig(
-              manual_dir=os.fspath(manual_dir) if manual_dir is not None else None))
+      try:
+        builder.download_and_prepare(
+            download_dir=os.fspath(data_dir / 'downloads'),
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=os.fspath(manual_dir) if manual_dir is not None else None,
+                beam_options=options))
+      except RuntimeError as error:
+        if options is None:
+          raise
+        # Beam wraps what a step raised: 'module.Class: message [while running 'step']'.
+        raise BeamPipelineError(re.sub(r'^[\w.]+: ', '', str(error))) from error
     except BaseException:
       if backup.exists():
         if version_dir.exists():
@@ -242,10 +270,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='folder with the source files (real data sets)')
   parser.add_argument('--overwrite', action='store_true',
                       help='rebuild even if a complete build exists')
+  parser.add_argument('--beam_pipeline_options', default=None,
+                      help='build as an Apache Beam pipeline (custom areas) with these '
+                           "comma-separated options, as tfds build takes them, e.g. "
+                           "'runner=DirectRunner,direct_num_workers=2'")
   args = parser.parse_args(argv)
   try:
     path = build(args.name, args.data_dir, config=args.config, manual_dir=args.manual_dir,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, beam_pipeline_options=args.beam_pipeline_options)
   except (BuildError, FileNotFoundError, ValueError, AssertionError) as error:
     # AssertionError: TFDS reports a missing manual_dir that way.
     print(f'error: {error}', file=sys.stderr)

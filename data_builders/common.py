@@ -13,6 +13,14 @@ Every builder here writes examples of one contract (NHWC, uint8):
              TFDS keeps float tensors as float32 otherwise, which moves a tile's
              edge by up to 1.4 pixels at 0.3 m resolution (8e-6 degrees at lon 116).
 
+Builders with vector labels (ROAD_LINES = True: synthetic, custom) add
+
+  'road_lines': text, JSON {"units": "pixel", "lines": [[[x, y], ...], ...]} (road_lines_json):
+             road centrelines in tile pixels, x = column, y = row, pixel centres at integers
+             (the tile covers x, y in [-0.5, size - 0.5]), 1e-4 px precision. Lines may run past
+             the tile's edges and are not split at crossings; cmmp_jax.graph_eval clips and
+             nodes them into the ground-truth road graph of APLS / TOPO.
+
 Metadata: every build records how its inputs were prepared (bands, bit depth,
 scaling, GPS reading, heat-map normalisation grid; cmmp_jax.data.preparation)
 in the TFDS metadata (`metadata.json` in the version folder, key
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import math
 import os
 import pathlib
@@ -48,6 +57,8 @@ from cmmp_jax.data import reading
 PNG_CHANNELS = (1, 3, 4)
 NAN_BOUNDS = np.full((4,), np.nan, dtype=np.float64)
 DEFAULT_FILE_FORMAT = 'array_record'
+# The feature holding vector labels (see the module docstring).
+ROAD_LINES_FEATURE = 'road_lines'
 
 
 class DatasetFileError(ValueError):
@@ -110,8 +121,11 @@ def aux_feature(aux_channels: int) -> tfds.features.FeatureConnector:
       encoding=tfds.features.Encoding.ZLIB)
 
 
-def example_features(aux_channels: int = 1) -> tfds.features.FeaturesDict:
-  """The feature dict of the shared example contract (see module docstring)."""
+def example_features(aux_channels: int = 1, *,
+                     road_lines: bool = False) -> tfds.features.FeaturesDict:
+  """The feature dict of the shared example contract (see module docstring), with the
+  'road_lines' text feature when road_lines is True."""
+  vector_labels = {ROAD_LINES_FEATURE: tfds.features.Text()} if road_lines else {}
   return tfds.features.FeaturesDict({
       'image': tfds.features.Image(
           shape=(None, None, 3), dtype=np.uint8, encoding_format='png'),
@@ -122,7 +136,16 @@ def example_features(aux_channels: int = 1) -> tfds.features.FeaturesDict:
       # Raw bytes: a float64 Tensor is otherwise stored as float32 (see module docstring).
       'bounds': tfds.features.Tensor(shape=(4,), dtype=np.float64,
                                      encoding=tfds.features.Encoding.BYTES),
+      **vector_labels,
   })
+
+
+def road_lines_json(lines: Iterable[np.ndarray | Sequence]) -> str:
+  """The 'road_lines' feature: JSON of (N, 2) (x, y) pixel polylines, coordinates rounded to
+  1e-4 px (see the module docstring)."""
+  return json.dumps({'units': 'pixel',
+                     'lines': [[[round(float(x), 4), round(float(y), 4)] for x, y in line]
+                               for line in lines]}, separators=(',', ':'))
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -151,6 +174,7 @@ def make_example(
     bounds: Sequence[float] | np.ndarray | None = None,
     *,
     source: os.PathLike | str | None = None,
+    road_lines: Sequence[np.ndarray] | None = None,
 ) -> dict:
   """Validates one tile and returns the dict TFDS encodes with example_features.
 
@@ -161,10 +185,12 @@ def make_example(
     mask: uint8 (H, W, 1) with values 0/1.
     bounds: (west, south, east, north) degrees, or None when unknown (NaN x4).
     source: path named in error messages (the tile's image file or source raster).
+    road_lines: for builders with vector labels, the tile's road centrelines, each float
+      (N >= 2, 2) (x, y) tile pixels (see the module docstring); None: no 'road_lines'.
 
   Returns:
     {'image': PNG bytes, 'aux': PNG bytes or uint8 array, 'mask': PNG bytes,
-     'tile_id': str, 'bounds': float64 (4,)}.
+     'tile_id': str, 'bounds': float64 (4,)}, plus 'road_lines': JSON text when given.
   """
   where = source if source is not None else tile_id
   for name, array, channels in (('image', image, (3,)), ('aux', aux, None),
@@ -192,13 +218,22 @@ def make_example(
       raise DatasetFileError(
           where, f'bounds must be 4 finite numbers or NaN x4 (unknown), got {bounds}')
   aux_value = encode_png(aux) if aux.shape[-1] in PNG_CHANNELS else aux
-  return {
+  example = {
       'image': encode_png(image),
       'aux': aux_value,
       'mask': encode_png(mask),
       'tile_id': str(tile_id),
       'bounds': bounds_array,
   }
+  if road_lines is not None:
+    for index, line in enumerate(road_lines):
+      line = np.asarray(line, np.float64)
+      if line.ndim != 2 or line.shape[0] < 2 or line.shape[1] != 2 or not np.all(
+          np.isfinite(line)):
+        raise DatasetFileError(where, f'road line {index} must be (N >= 2, 2) finite pixel '
+                               f'coordinates, got shape {line.shape}')
+    example[ROAD_LINES_FEATURE] = road_lines_json(road_lines)
+  return example
 
 
 # ---------------------------------------------------------------------------
@@ -438,7 +473,10 @@ class RoadTileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   Subclasses set VERSION, BUILDER_CONFIGS, MANUAL_DOWNLOAD_INSTRUCTIONS,
   implement _split_generators/_generate_examples, and give their builder config
   an `aux_channels` attribute (or override the property) when aux has C != 1.
+  Those whose examples carry vector labels ('road_lines') set ROAD_LINES = True.
   """
+
+  ROAD_LINES = False
 
   def __init__(self, *, file_format: str | None = None, **kwargs):
     # array_record (random access for grain) unless the caller asks otherwise.
@@ -458,7 +496,7 @@ class RoadTileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=example_features(self.aux_channels),
+        features=example_features(self.aux_channels, road_lines=self.ROAD_LINES),
         homepage=getattr(self, 'HOMEPAGE', None),
         citation=getattr(self, 'CITATION', None),
         # metadata.json in the version folder; loaded back with the dataset.

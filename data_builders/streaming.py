@@ -192,7 +192,7 @@ class ImageryWindows:
   """
 
   def __init__(self, path: os.PathLike | str, preparation: preparation_lib.InputPreparation,
-               *, strip_rows: int = 512):
+               *, strip_rows: int = 512, resolved: bool = False):
     self.path = pathlib.Path(path)
     if not self.path.is_file():
       raise reading.ReadError(self.path, 'file not found')
@@ -224,7 +224,9 @@ class ImageryWindows:
                               geo=None, path=self.path)
     self.band_indexes = [int(i) + 1 for i in
                          reading.select_rgb_bands(numbered, preparation.bands)[0, 0]]
-    self.preparation = self._resolve(preparation)
+    # resolved: the preparation comes from this class on the same file (a Beam worker given the
+    # launcher's), so the pass over the raster is not made again.
+    self.preparation = preparation if resolved else self._resolve(preparation)
 
   def close(self) -> None:
     self._dataset.close()
@@ -528,6 +530,43 @@ class GpsCounts:
   y_min: float = math.inf
   y_max: float = -math.inf
 
+  def add(self, x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarray,
+          height: int, width: int) -> None:
+    """Counts a chunk: (x, y) as read, (cols, rows) on an H x W raster."""
+    if x.size:
+      self.points += int(x.size)
+      self.x_min, self.x_max = min(self.x_min, float(x.min())), max(self.x_max, float(x.max()))
+      self.y_min, self.y_max = min(self.y_min, float(y.min())), max(self.y_max, float(y.max()))
+    self.on_raster += int(np.count_nonzero(
+        (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)))
+
+  def merge(self, other: 'GpsCounts') -> 'GpsCounts':
+    """The counts of both tables together (a new object)."""
+    return GpsCounts(points=self.points + other.points,
+                     on_raster=self.on_raster + other.on_raster,
+                     x_min=min(self.x_min, other.x_min), x_max=max(self.x_max, other.x_max),
+                     y_min=min(self.y_min, other.y_min), y_max=max(self.y_max, other.y_max))
+
+
+def points_by_tile(cols: np.ndarray, rows: np.ndarray, grid_height: int, grid_width: int,
+                   tile_size: int) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+  """((tile_row, tile_col), float64 (n, 2) (col, row) raster pixels) for each tile of the grid
+  with points: the points render_tiled_heatmap_uint8 renders (finite, inside the grid's extent),
+  in their input order within a tile."""
+  inside = (np.isfinite(cols) & np.isfinite(rows) & (cols >= 0) & (cols < grid_width)
+            & (rows >= 0) & (rows < grid_height))
+  index = np.flatnonzero(inside)
+  if not index.size:
+    return
+  n_tile_cols = grid_width // tile_size
+  keys = ((rows[index] // tile_size).astype(np.int64) * n_tile_cols
+          + (cols[index] // tile_size).astype(np.int64))
+  order = np.argsort(keys, kind='stable')
+  index, keys = index[order], keys[order]
+  for part in np.split(np.arange(index.size), np.flatnonzero(np.diff(keys)) + 1):
+    points = index[part]
+    yield divmod(int(keys[part[0]]), n_tile_cols), np.stack([cols[points], rows[points]], axis=1)
+
 
 class GpsTileRows:
   """GPS points bucketed on disk by row of tiles, each row rendered alone (module docstring).
@@ -550,15 +589,7 @@ class GpsTileRows:
   def add(self, x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> None:
     """Counts a chunk ((x, y) as read, (cols, rows) on the raster) and appends its points on the
     tile grid to their rows' bucket files."""
-    counts = self.counts
-    if x.size:
-      counts.points += int(x.size)
-      counts.x_min, counts.x_max = min(counts.x_min, float(x.min())), max(counts.x_max,
-                                                                           float(x.max()))
-      counts.y_min, counts.y_max = min(counts.y_min, float(y.min())), max(counts.y_max,
-                                                                           float(y.max()))
-    counts.on_raster += int(np.count_nonzero(
-        (cols >= 0) & (cols < self.width) & (rows >= 0) & (rows < self.height)))
+    self.counts.add(x, y, cols, rows, self.height, self.width)
     # The points render_tiled_heatmap_uint8 renders: finite and inside the grid's extent.
     inside = (np.isfinite(cols) & np.isfinite(rows) & (cols >= 0) & (cols < self.grid_width)
               & (rows >= 0) & (rows < self.grid_height))

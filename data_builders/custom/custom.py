@@ -44,6 +44,14 @@ Processing:
     road_mask(width=4, meters=True)): on the AOI_2_Vegas gray sample tile with
     its centerlines the mask built here agrees with the published mask on all
     but 3 of 1.69M pixels (IoU 0.9999).
+  - Road lines ('road_lines', the vector labels of graph metrics): each tile
+    stores the LineStrings of the GeoJSON that cross its part on the raster,
+    clipped there, in tile pixels with the pixel centre of mask[r, c] at
+    x = c, y = r (tile_road_lines; JSON of common.road_lines_json, 1e-4 px).
+    Polygons and Points have no centreline: they are in the mask only, the
+    build counts those on the raster (metadata 'custom_area',
+    road_geometries_without_centreline) and warns, and cmmp_jax.graph_eval
+    then takes the ground-truth graphs from the masks instead.
   - Heat-map: GPS points projected to raster pixels (rasterio) and rendered by
     heatmap.render_tiled_heatmap_uint8 on the grid of tiles (1 channel), each
     tile normalised by its own maximum count.
@@ -98,6 +106,7 @@ import math
 import pathlib
 import shutil
 import tempfile
+import threading
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -108,10 +117,12 @@ import rasterio.crs
 import rasterio.errors
 import rasterio.features
 import rasterio.warp
+import shapely
 import tensorflow_datasets as tfds
 import yaml
 
 from cmmp_jax.data import geo as geo_lib
+from cmmp_jax.data import heatmap as heatmap_lib
 from cmmp_jax.data import preparation as preparation_lib
 from cmmp_jax.data import reading
 from data_builders import common
@@ -476,7 +487,123 @@ def _max_half_width_px(geo: geo_lib.GeoInfo, road_width_m: float) -> float:
 
 
 # ---------------------------------------------------------------------------
+# Road centrelines of each tile (the 'road_lines' vector labels).
+
+
+def geometries_in_crs(geometries: Sequence[dict], geometries_crs, crs) -> list[dict]:
+  """Simple GeoJSON geometries transformed from geometries_crs to crs (rasterio.warp), or as
+  they are when the two are equal."""
+  if geometries_crs == crs:
+    return list(geometries)
+  return [rasterio.warp.transform_geom(geometries_crs, crs, g) for g in geometries]
+
+
+def _centreline_xy(geometry: dict) -> np.ndarray | None:
+  """float64 (N, 2) x/y vertices of a LineString with at least two distinct vertices; None for
+  geometries without a centreline (Polygon, Point, a LineString of one repeated point)."""
+  if geometry['type'] != 'LineString':
+    return None
+  xy = _vertices_xy(geometry)
+  if len(xy) < 2 or np.all(xy == xy[0]):
+    return None
+  return xy
+
+
+def road_lines_px(geometries: Sequence[dict], transform: affine.Affine) -> list[np.ndarray | None]:
+  """The centrelines of simple geometries (in the raster's CRS) in continuous raster pixels.
+
+  Args:
+    geometries: simple GeoJSON geometries (read_road_geometries' LineString / Polygon / Point)
+      already in the raster's CRS (geometries_in_crs).
+    transform: the raster's affine transform (pixel -> CRS).
+
+  Returns:
+    one entry per geometry: float64 (N, 2) (col, row) of a LineString's vertices by ~transform,
+    in rasterio's convention (pixel (r, c) covers [c, c + 1) x [r, r + 1), centre at
+    (c + 0.5, r + 0.5)), or None for a geometry without a centreline (Polygon, Point, a
+    LineString of one repeated point: they mark the mask but are no road lines).
+  """
+  lines = []
+  for geometry in geometries:
+    xy = _centreline_xy(geometry)
+    lines.append(None if xy is None else
+                 np.stack(geo_lib.world_to_pixel(xy[:, 0], xy[:, 1], transform), axis=1))
+  return lines
+
+
+def tile_road_lines(lines_px: Sequence[np.ndarray], row0: int, col0: int, rows: int,
+                    cols: int) -> list[np.ndarray]:
+  """The road lines of one tile: centrelines clipped to its part on the raster, in its pixels.
+
+  Args:
+    lines_px: centrelines, each float64 (N >= 2, 2) (col, row) in continuous raster pixels
+      (road_lines_px; None entries are skipped); lines off the tile are dropped.
+    row0, col0: the tile's top-left pixel in the raster.
+    rows, cols: how many of its rows / columns lie on the raster (tile_size, or less for an
+      edge tile: roads are clipped at the raster's edge, as the mask is, not at the padding's).
+
+  Returns:
+    The tile's 'road_lines' (common.road_lines_json): float64 (M, 2) (x, y) with
+    x = col - col0 - 0.5, y = row - row0 - 0.5, i.e. the pixel centre of mask[r, c] at x = c,
+    y = r (cmmp_jax.graph_eval.polylines_to_graph's convention; the mask marks a pixel whose
+    centre lies within road_width_m / 2 of a line). Each line is the part of a centreline in
+    x in [-0.5, cols - 0.5], y in [-0.5, rows - 0.5] (shapely intersection, the clipping
+    polylines_to_graph does: a road leaving the tile ends exactly on its border), in the order
+    of lines_px, a line that leaves and re-enters the tile giving several.
+  """
+  window = shapely.box(-0.5, -0.5, cols - 0.5, rows - 0.5)
+  offset = np.array([col0 + 0.5, row0 + 0.5])
+  lines = []
+  for line in lines_px:
+    if line is None:
+      continue
+    clipped = shapely.intersection(shapely.LineString(np.asarray(line) - offset), window)
+    for part in shapely.get_parts(clipped):
+      if isinstance(part, shapely.LineString) and part.length > 0:
+        lines.append(np.asarray(part.coords, np.float64)[:, :2])
+  return lines
+
+
+class RoadLineIndex:
+  """An area's road centrelines in raster pixels (road_lines_px), found per tile by an STRtree
+  of their bounding boxes (data_builders.streaming.RoadIndex), so that a tile's lines cost a
+  query, not a pass over every geometry.
+
+  Args:
+    geometries: simple GeoJSON geometries in the raster's CRS (geometries_in_crs).
+    transform: the raster's affine transform.
+  """
+
+  def __init__(self, geometries: Sequence[dict], transform: affine.Affine):
+    lines = road_lines_px(geometries, transform)
+    self._lines = [line for line in lines if line is not None]
+    boxes = np.array([(*line.min(axis=0), *line.max(axis=0)) for line in self._lines],
+                     np.float64).reshape(-1, 4)
+    # A one-pixel margin: lines running along a tile's border are candidates too.
+    self._index = streaming.RoadIndex(boxes, margin_px=1.0)
+    self.num_lines = len(self._lines)
+
+  def tile(self, row0: int, col0: int, rows: int, cols: int) -> list[np.ndarray]:
+    """tile_road_lines of the window rows x cols at (row0, col0) (GeoJSON order kept)."""
+    chosen = self._index.query(row0, col0, rows, cols)
+    return tile_road_lines([self._lines[i] for i in chosen], row0, col0, rows, cols)
+
+
+# ---------------------------------------------------------------------------
 # The area: imagery, mask and GPS of one spec, cut into tiles.
+
+
+def roads_in_raster(geometries: Sequence[dict], geometries_crs, geo: geo_lib.GeoInfo,
+                    road_width_m: float) -> tuple[list[dict], streaming.RoadIndex]:
+  """The geometries in the raster's CRS, and the index that finds those that can mark a window
+  (their vertices' pixel boxes grown by the widest half road width in pixels)."""
+  roads = [rasterio.warp.transform_geom(geometries_crs, geo.crs, g)
+           if geometries_crs != geo.crs else g for g in geometries]
+  boxes = np.zeros((len(roads), 4))
+  for i, geometry in enumerate(roads):
+    cols, rows = geo_lib.world_to_pixel(*_vertices_xy(geometry).T, geo.transform)
+    boxes[i] = cols.min(), rows.min(), cols.max(), rows.max()
+  return roads, streaming.RoadIndex(boxes, _max_half_width_px(geo, road_width_m))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,6 +631,7 @@ class _AreaChecks:
                    road_pixels: int) -> None:
     n_geometries = len(geometries)
     self.counts.update(road_geometries=n_geometries, road_pixels=road_pixels)
+    self._count_geometries_without_centreline(roads_path, geometries, roads_crs)
     if n_geometries == 0:
       logging.warning('custom: %s holds no road geometry: every mask is all zero', roads_path)
       self.counts['road_geometries_on_raster'] = 0
@@ -521,6 +649,22 @@ class _AreaChecks:
     if on_raster < n_geometries:
       logging.warning('custom: %d of %d road geometries of %s lie outside the imagery %s',
                       n_geometries - on_raster, n_geometries, roads_path, self.imagery_path)
+
+  def _count_geometries_without_centreline(self, roads_path: pathlib.Path, geometries,
+                                           roads_crs) -> None:
+    """Counts (in counts['road_geometries_without_centreline']) the Polygons and Points on the
+    raster: they mark the mask but are not in the tiles' 'road_lines', so graph metrics take
+    their ground truth from the masks of such a build (cmmp_jax.graph_eval)."""
+    without = [g for g in geometries if _centreline_xy(g) is None]
+    count = count_geometries_on_raster(
+        without, roads_crs, self.geo, self.height, self.width,
+        _half_width_px(self.geo, self.spec.road_width_m)) if without else 0
+    self.counts['road_geometries_without_centreline'] = count
+    if count:
+      logging.warning('custom: %d road geometries of %s on the imagery are polygons or points '
+                      'without a centreline: they are in the masks but not in the road_lines, '
+                      'so graph metrics (APLS, TOPO) will take their ground truth from the '
+                      'masks', count, roads_path)
 
   def _check_gps(self, gps_paths, gps: streaming.GpsCounts) -> None:
     n_points, on_raster = gps.points, gps.on_raster
@@ -604,8 +748,10 @@ class Area(_AreaChecks):
     self.counts: dict[str, Any] = {'raster_height': self.height, 'raster_width': self.width}
     roads_path = resolve(spec.roads, base_dir, source)
     geometries, roads_crs = read_road_geometries(roads_path)
-    self.mask = rasterize_roads(geometries, roads_crs, self.geo, self.height, self.width,
+    roads = geometries_in_crs(geometries, roads_crs, self.geo.crs)
+    self.mask = rasterize_roads(roads, self.geo.crs, self.geo, self.height, self.width,
                                 spec.road_width_m)
+    self.road_lines = RoadLineIndex(roads, self.geo.transform)
     self._check_roads(roads_path, geometries, roads_crs, int(np.count_nonzero(self.mask)))
     gps_paths = [resolve(gps, base_dir, source) for gps in spec.gps]
     try:
@@ -644,8 +790,9 @@ class Area(_AreaChecks):
     aux[:piece.shape[0], :piece.shape[1]] = self.aux[window][:piece.shape[0], :piece.shape[1]]
     bounds = geo_lib.pixel_bounds_to_lonlat(self.geo.transform, self.geo.crs,
                                             tile.row0, tile.col0, size, size)
+    lines = self.road_lines.tile(tile.row0, tile.col0, piece.shape[0], piece.shape[1])
     return common.make_example(tile.tile_id, image, aux, mask, bounds,
-                               source=self.imagery_path)
+                               source=self.imagery_path, road_lines=lines)
 
 
 class StreamingArea(_AreaChecks):
@@ -691,13 +838,9 @@ class StreamingArea(_AreaChecks):
     # Roads: geometries in the raster's CRS, found per row of tiles by their pixel boxes.
     roads_path = resolve(spec.roads, base_dir, source)
     geometries, roads_crs = read_road_geometries(roads_path)
-    self._roads = [rasterio.warp.transform_geom(roads_crs, self.geo.crs, g)
-                   if roads_crs != self.geo.crs else g for g in geometries]
-    boxes = np.zeros((len(self._roads), 4))
-    for i, geometry in enumerate(self._roads):
-      cols, rows = geo_lib.world_to_pixel(*_vertices_xy(geometry).T, self.geo.transform)
-      boxes[i] = cols.min(), rows.min(), cols.max(), rows.max()
-    road_index = streaming.RoadIndex(boxes, _max_half_width_px(self.geo, spec.road_width_m))
+    self._roads, road_index = roads_in_raster(geometries, roads_crs, self.geo,
+                                              spec.road_width_m)
+    self.road_lines = RoadLineIndex(self._roads, self.geo.transform)
     road_pixels = 0
     for tile_row in range(self.n_tile_rows):
       row0 = tile_row * size
@@ -766,8 +909,9 @@ class StreamingArea(_AreaChecks):
     aux[:rows_on, :cols_on, 0] = aux_row[:rows_on, tile.col0:tile.col0 + cols_on]
     bounds = geo_lib.pixel_bounds_to_lonlat(self.geo.transform, self.geo.crs,
                                             tile.row0, tile.col0, size, size)
+    lines = self.road_lines.tile(tile.row0, tile.col0, rows_on, cols_on)
     return common.make_example(tile.tile_id, image, aux, mask, bounds,
-                               source=self.imagery_path)
+                               source=self.imagery_path, road_lines=lines)
 
   def close(self) -> None:
     """Closes the imagery and deletes the work folder."""
@@ -805,11 +949,15 @@ class CustomConfig(tfds.core.BuilderConfig):
 class Custom(common.RoadTileBuilder):
   """A user's own area: GeoTIFF imagery + GeoJSON road centerlines + GPS CSV."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
                    '1.1.0': 'float64 bounds; input preparation and build counts in the '
                             'metadata; explicit bit depth; min_valid_fraction; heat-map cut '
-                            'from the tile grid; checks of GPS and roads against the imagery.'}
+                            'from the tile grid; checks of GPS and roads against the imagery.',
+                   '1.2.0': "road centrelines of each tile ('road_lines', from the GeoJSON) "
+                            'for graph metrics; polygons/points without a centreline counted '
+                            'in the metadata.'}
+  ROAD_LINES = True  # examples carry 'road_lines' (common.example_features)
   BUILDER_CONFIGS = [CustomConfig(
       name='default', description='Spec read from custom.json/custom.yaml in manual_dir.')]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -836,7 +984,11 @@ class Custom(common.RoadTileBuilder):
       spec.validate(source)
     else:
       spec, source = load_spec_file(manual_dir, config.spec_file or None)
-    if spec.streaming:
+    if self._beam_build:
+      area = BeamArea(spec, manual_dir, source)
+      self._beam_area = area
+      self._areas.append(area)
+    elif spec.streaming:
       # Beside the downloads (on the data's disk, not /tmp); deleted by _download_and_prepare.
       download_dir = pathlib.Path(dl_manager.download_dir)
       download_dir.mkdir(parents=True, exist_ok=True)
@@ -855,24 +1007,48 @@ class Custom(common.RoadTileBuilder):
     parts = common.seeded_split(
         by_id, {'validation': spec.validation_fraction, 'test': spec.test_fraction},
         spec.split_seed, source=area.imagery_path)
+    if self._beam_build:
+      # Imported here: Apache Beam is only needed (and its import only paid) by Beam builds.
+      from data_builders import beam_tiles  # pylint: disable=import-outside-toplevel
+      return beam_tiles.split_transforms(area, {name: [by_id[i] for i in sorted(ids)]
+                                                for name, ids in parts.items() if ids})
     # Tiles in raster order within a split: a streamed area reads each row of tiles once.
     return {name: self._generate_examples(
                 area, sorted((by_id[i] for i in ids), key=lambda t: (t.row0, t.col0)))
             for name, ids in parts.items() if ids}
 
-  def _download_and_prepare(self, *args, **kwargs):
+  def _download_and_prepare(self, dl_manager, download_config):
     # GDAL's block cache and TFDS's in-memory example buffer bounded (their defaults are 5% of
     # the machine's memory and 1 GB; data_builders.streaming); streamed areas closed and their
     # work folders deleted however the build ends.
     self._areas = []  # what _split_generators opens: closed below
+    # Beam pipeline options or a runner given to the build (e.g. `python -m data_builders.build
+    # custom --beam_pipeline_options=runner=DirectRunner`): TFDS runs the Beam pipeline that
+    # _split_generators returns (BeamArea, data_builders.beam_tiles).
+    self._beam_build = (download_config.beam_runner is not None
+                        or download_config.beam_options is not None)
+    self._beam_area = None
     try:
       with rasterio.Env(GDAL_CACHEMAX=streaming.GDAL_CACHE_BYTES), \
           streaming.bounded_tfds_shuffle_buffer():
-        return super()._download_and_prepare(*args, **kwargs)
+        return super()._download_and_prepare(dl_manager=dl_manager,
+                                             download_config=download_config)
     finally:
       for area in self._areas:
         area.close()
       self._areas = []
+
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    """After a Beam build's pipeline, before TFDS finalises the splits: the counts it returned
+    (Beam metrics) in the metadata, and the road checks on them (an error fails the build)."""
+    from data_builders import beam_tiles  # pylint: disable=import-outside-toplevel
+    area = self._beam_area
+    counts = beam_tiles.counter_values(pipeline_result,
+                                       ['gps_points', 'gps_on_raster', 'road_pixels'])
+    area.finish(counts['gps_points'], counts['gps_on_raster'], counts['road_pixels'])
+    record = self.info.metadata['custom_area']
+    self.info.metadata['custom_area'] = {
+        **{key: value for key, value in record.items() if key not in area.counts}, **area.counts}
 
   def _generate_examples(self, area, tiles: list[Tile]):
     for tile in tiles:
@@ -886,3 +1062,152 @@ class _PendingWorkDir:
 
   def close(self) -> None:
     shutil.rmtree(self.path, ignore_errors=True)
+
+
+class BeamArea(_AreaChecks):
+  """The area of one spec for a build by Apache Beam (data_builders.beam_tiles): the launcher
+  resolves what needs the whole raster once (the imagery's preparation, from one streamed pass:
+  streaming.ImageryWindows) and the tiles; this object then travels to the workers, which read
+  imagery windows, road geometries and GPS files themselves, so every input must be on a path
+  all workers can read. Examples, splits, recorded preparation and counts are those of Area and
+  StreamingArea (tests/test_beam_build.py).
+
+  The road and GPS counts come back from the pipeline as Beam metrics: finish() records them and
+  makes the road checks that need the whole mask (the GPS checks run in the pipeline).
+  """
+
+  def __init__(self, spec: CustomSpec, base_dir: pathlib.Path | None, source: str):
+    self.spec = spec
+    self.imagery_path = resolve(spec.imagery, base_dir, source)
+    if not self.imagery_path.is_file():
+      raise common.MissingFileError(self.imagery_path, 'imagery GeoTIFF not found')
+    try:
+      with streaming.ImageryWindows(self.imagery_path, spec.preparation(),
+                                    strip_rows=spec.tile_size) as imagery:
+        self.preparation, self.geo = imagery.preparation, imagery.geo
+        self.height, self.width = imagery.height, imagery.width
+    except reading.ReadError as error:
+      raise common.UnreadableImageError(error.path, error.problem) from error
+    self.roads_path = resolve(spec.roads, base_dir, source)
+    if not self.roads_path.is_file():
+      raise common.MissingFileError(self.roads_path, 'road GeoJSON not found')
+    self.gps_paths = [resolve(gps, base_dir, source) for gps in spec.gps]
+    for path in self.gps_paths:
+      if not path.is_file():
+        raise common.MissingFileError(path, 'GPS CSV not found')
+    self.grid_height, self.grid_width = heatmap_lib.grid_extent(self.height, self.width,
+                                                                spec.tile_size)
+    self.counts: dict[str, Any] = {'raster_height': self.height, 'raster_width': self.width}
+    self.tiles = self._make_tiles()
+    self._local = threading.local()  # per worker thread: open imagery, road index
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state['_local']
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._local = threading.local()
+
+  # What the workers do (data_builders.beam_tiles's `work`).
+
+  def gps_sources(self) -> list[str]:
+    return [str(path) for path in self.gps_paths]
+
+  def read_gps(self, source: str):
+    """GpsCounts per chunk and ((tile_row, tile_col), points) of one GPS file."""
+    size = self.spec.tile_size
+    try:
+      for x, y in streaming.iter_gps_chunks([source], self.preparation):
+        cols, rows = preparation_lib.gps_to_raster_pixels(x, y, self.preparation.gps_crs,
+                                                          self.geo)
+        counts = streaming.GpsCounts()
+        counts.add(x, y, cols, rows, self.height, self.width)
+        yield counts
+        yield from streaming.points_by_tile(cols, rows, self.grid_height, self.grid_width, size)
+    except reading.ReadError as error:
+      raise common.DatasetFileError(error.path, error.problem) from error
+
+  def check_gps(self, counts: streaming.GpsCounts) -> None:
+    self._check_gps(self.gps_paths, counts)
+
+  def tile_cell(self, tile: Tile) -> tuple[int, int]:
+    return tile.row0 // self.spec.tile_size, tile.col0 // self.spec.tile_size
+
+  def _resources(self):
+    """(imagery windows, road geometries in the raster's CRS, their index) of this thread."""
+    local = self._local
+    if not hasattr(local, 'imagery'):
+      try:
+        local.imagery = streaming.ImageryWindows(self.imagery_path, self.preparation,
+                                                 strip_rows=self.spec.tile_size, resolved=True)
+      except reading.ReadError as error:
+        raise common.UnreadableImageError(error.path, error.problem) from error
+      geometries, roads_crs = read_road_geometries(self.roads_path)
+      local.roads, local.road_index = roads_in_raster(geometries, roads_crs, self.geo,
+                                                      self.spec.road_width_m)
+      local.road_lines = RoadLineIndex(local.roads, self.geo.transform)
+    return local.imagery, local.roads, local.road_index
+
+  def road_window(self, row0: int, col0: int, rows: int, cols: int) -> np.ndarray:
+    """uint8 (rows, cols) road mask of a window of the raster (the whole mask cut there)."""
+    _, roads, road_index = self._resources()
+    chosen = road_index.query(row0, col0, rows, cols)
+    return rasterize_roads([roads[i] for i in chosen], self.geo.crs, self.geo, self.height,
+                           self.width, self.spec.road_width_m, window=(row0, col0, rows, cols))
+
+  def example(self, tile: Tile, points: Sequence[np.ndarray]) -> tuple[str, dict, dict]:
+    """(tile id, example, counts) of one tile with the GPS points of its grid tile; the example
+    equals StreamingArea.example's; counts: {'road_pixels': road pixels of the tile}."""
+    size = self.spec.tile_size
+    rows_on = min(size, self.height - tile.row0)
+    cols_on = min(size, self.width - tile.col0)
+    imagery, _, _ = self._resources()
+    image = np.zeros((size, size, 3), np.uint8)
+    mask = np.zeros((size, size, 1), np.uint8)
+    aux = np.zeros((size, size, 1), np.uint8)
+    try:
+      image[:rows_on, :cols_on] = imagery.read(tile.row0, tile.col0, rows_on, cols_on)
+    except reading.ReadError as error:
+      raise common.UnreadableImageError(error.path, error.problem) from error
+    mask[:rows_on, :cols_on, 0] = self.road_window(tile.row0, tile.col0, rows_on, cols_on)
+    if points:
+      xy = np.concatenate(points)
+      heat, _ = heatmap_lib.render_tiled_heatmap_uint8(
+          xy[:, 0] - float(tile.col0), xy[:, 1] - float(tile.row0), size, size, size)
+      aux[:rows_on, :cols_on, 0] = heat[:rows_on, :cols_on]
+    lines = self._local.road_lines.tile(tile.row0, tile.col0, rows_on, cols_on)
+    bounds = geo_lib.pixel_bounds_to_lonlat(self.geo.transform, self.geo.crs,
+                                            tile.row0, tile.col0, size, size)
+    return (tile.tile_id,
+            common.make_example(tile.tile_id, image, aux, mask, bounds, source=self.imagery_path,
+                                road_lines=lines),
+            {'road_pixels': int(np.count_nonzero(mask))})
+
+  # Back on the launcher.
+
+  def finish(self, gps_points: int, gps_on_raster: int, road_pixels_in_tiles: int) -> None:
+    """Records the pipeline's counts and makes the road checks (raises what Area raises)."""
+    size = self.spec.tile_size
+    written = {(t.row0, t.col0) for t in self.tiles}
+    road_pixels = road_pixels_in_tiles
+    for row0 in range(0, self.height, size):  # the tiles left out count for the raster's mask
+      for col0 in range(0, self.width, size):
+        if (row0, col0) not in written:
+          road_pixels += int(np.count_nonzero(self.road_window(
+              row0, col0, min(size, self.height - row0), min(size, self.width - col0))))
+    tile_counts = {key: self.counts.pop(key)
+                   for key in ('tiles', 'padded_tiles', 'tiles_left_out')}
+    geometries, roads_crs = read_road_geometries(self.roads_path)
+    self._check_roads(self.roads_path, geometries, roads_crs, road_pixels)
+    self.counts.update(gps_points=gps_points, gps_points_on_raster=gps_on_raster, **tile_counts)
+    logging.info('custom: %s: %dx%d px, %d tiles, %d GPS points (%d on the raster), '
+                 'preparation: %s (Apache Beam)', self.imagery_path, self.width, self.height,
+                 len(self.tiles), gps_points, gps_on_raster, self.preparation.describe())
+
+  def close(self) -> None:
+    imagery = getattr(self._local, 'imagery', None)
+    if imagery is not None:
+      imagery.close()
+      del self._local.imagery

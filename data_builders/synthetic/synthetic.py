@@ -4,11 +4,11 @@ Every example follows the shared contract (data_builders/common.py):
   'image': uint8 (S, S, 3) RGB, 'aux': uint8 (S, S, C), 'mask': uint8 (S, S, 1) 0/1,
   'tile_id': '{split}_{index:05d}', 'bounds': float64 (4,) fake (west, south, east, north).
 Plus the exact road centrelines, the synthetic city's vector labels:
-  'road_lines': text, JSON {"units": "pixel", "lines": [[[x, y], ...], ...]}: the centreline of
-  every road entering the tile (synthetic.generate_tile's 'road_lines', x = column, y = row,
-  pixel centres at integers, 1e-4 px precision; lines run past the tile's edges and are not
-  split at crossings). cmmp_jax.graph_eval turns them into the ground-truth road graph of APLS /
-  TOPO in `--mode=eval`.
+  'road_lines': text (common.road_lines_json), JSON {"units": "pixel", "lines": [[[x, y], ...],
+  ...]}: the centreline of every road entering the tile (synthetic.generate_tile's 'road_lines',
+  x = column, y = row, pixel centres at integers, 1e-4 px precision; lines run past the tile's
+  edges and are not split at crossings). cmmp_jax.graph_eval turns them into the ground-truth
+  road graph of APLS / TOPO in `--mode=eval`.
 Tile `index` of `split` is generate_tile(tile_seed(base_seed, split, index), size, config), and
 records are written in index order (no TFDS shuffling), so record i of a split is tile i.
 
@@ -23,7 +23,6 @@ Configs:
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import tensorflow_datasets as tfds
 from absl import logging
@@ -48,13 +47,6 @@ class SyntheticBuilderConfig(tfds.core.BuilderConfig):
     return synthetic.aux_channels(self.aux_kind)
 
 
-def road_lines_json(lines) -> str:
-  """The 'road_lines' feature: JSON of (N, 2) pixel polylines (see the module docstring)."""
-  return json.dumps({'units': 'pixel',
-                     'lines': [[[round(float(x), 4), round(float(y), 4)] for x, y in line]
-                               for line in lines]}, separators=(',', ':'))
-
-
 def _config(name: str, description: str, aux_kind: str = 'gps', **city) -> SyntheticBuilderConfig:
   return SyntheticBuilderConfig(name=name, description=description, aux_kind=aux_kind,
                                 city=synthetic.SyntheticConfig(**city))
@@ -67,6 +59,7 @@ class Synthetic(common.RoadTileBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
                    '1.1.0': 'float64 bounds; input preparation recorded in the metadata.',
                    '1.2.0': "road centrelines ('road_lines') for graph metrics."}
+  ROAD_LINES = True  # examples carry 'road_lines'
   BUILDER_CONFIGS = [
       _config('default', '128 px tiles, 64/16/16, GPS heat-map aux.'),
       _config('lidar', '128 px tiles, 64/16/16, lidar-like height aux.', aux_kind='lidar'),
@@ -83,10 +76,7 @@ class Synthetic(common.RoadTileBuilder):
     return self.dataset_info_from_configs(
         description='Procedural synthetic city for road extraction from an aerial image fused '
                     'with a GPS heat-map or lidar (see cmmp_jax/data/synthetic.py).',
-        features=tfds.features.FeaturesDict({
-            **common.example_features(self.aux_channels),
-            'road_lines': tfds.features.Text(),
-        }),
+        features=common.example_features(self.aux_channels, road_lines=self.ROAD_LINES),
         disable_shuffling=True,  # record i is tile i: reproducible and easy to inspect
         metadata=tfds.core.MetadataDict(),  # the input preparation record (common)
     )
@@ -107,8 +97,8 @@ class Synthetic(common.RoadTileBuilder):
       name = synthetic.tile_id(split, index)
       example = common.make_example(
           name, tile['image'], synthetic.select_aux(tile, config.aux_kind), tile['mask'],
-          tile['bounds'], source=f'synthetic/{config.name} {name} (seed {seed})')
-      example['road_lines'] = road_lines_json(tile['road_lines'])
+          tile['bounds'], source=f'synthetic/{config.name} {name} (seed {seed})',
+          road_lines=tile['road_lines'])
       yield name, example
       if (index + 1) % 16 == 0 or index + 1 == count:
         logging.info('synthetic/%s %s: %d/%d tiles', config.name, split, index + 1, count)
