@@ -180,6 +180,7 @@ RULES: dict[str, Rule] = {
     "predict.block_size": _int_at_least(1),
     "predict.compress": _one_of("deflate", "lzw", "zstd", "none"),  # stream.COMPRESSIONS
     "predict.cog": _bool,
+    "predict.stream_wait_s": _number(0),  # 0 = no limit
     # The other config.graph fields are GraphParams' (checked by its constructor in validate).
     "graph.enabled": _bool, "graph.wgs84": _bool,
 }

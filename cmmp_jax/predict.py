@@ -670,7 +670,8 @@ def predict_streamed(forward: Forward, inputs: stream.RasterInputs, output_dir, 
     block_size, compress, cog: stream.predict_raster_blocks / stream.assemble_outputs.
     model_id: the checkpoint, recorded so that a resumed run never mixes models.
     band_index, band_count: the share of this process (jax.process_index / process_count).
-    wait_timeout_s: how long band 0 waits for the other bands (None: no limit).
+    wait_timeout_s: how long band 0 waits for the other bands without any new block landing
+      (None: no limit; stream.wait_for_blocks).
     on_block: called after each finished block.
 
   Returns:
@@ -997,6 +998,7 @@ def predict_from_checkpoint(config, workdir) -> dict:
         preparation=preparation, scale=scale, graph_config=config.get('graph'),
         stream_mode=pcfg.get('stream', 'auto'), block_size=pcfg.get('block_size', 4096),
         compress=pcfg.get('compress', 'deflate'), cog=pcfg.get('cog', False),
+        wait_timeout_s=pcfg.get('stream_wait_s', 3600.0) or None,
         model_id=f'{pathlib.Path(workdir).absolute()} step {step}', log=reporting.console,
         **shard)
   else:

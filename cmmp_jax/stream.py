@@ -533,19 +533,24 @@ def wait_for_blocks(folder: pathlib.Path, grid: BlockGrid, *, timeout_s: float |
                     poll_s: float = 2.0, log: Callable[[str], Any] = print) -> None:
   """Waits until every block of the grid exists (other processes computing their bands).
 
+  timeout_s bounds a stall, not the wait: the clock restarts whenever another block lands, so
+  a long band that keeps progressing is waited for. None or 0: no limit.
+
   Raises:
-    StreamError: timeout_s passed with blocks still missing (names how many).
+    StreamError: timeout_s passed without a new block (names how many are missing).
   """
-  start = time.monotonic()
+  last_progress = time.monotonic()
   reported = None
   while True:
     missing = missing_blocks(folder, grid)
     if not missing:
       return
-    if timeout_s is not None and time.monotonic() - start > timeout_s:
-      raise StreamError(f'{folder}: {len(missing)} block(s) still missing after {timeout_s:g} s; '
-                        'did another process fail?')
     if reported != len(missing):
       log(f'{folder.name}: waiting for {len(missing)} block(s) of other processes')
       reported = len(missing)
+      last_progress = time.monotonic()
+    elif timeout_s and time.monotonic() - last_progress > timeout_s:
+      raise StreamError(f'{folder}: no new block for {timeout_s:g} s with {len(missing)} block(s) '
+                        'of other processes still missing; did another process fail? (rerun '
+                        'to resume: finished blocks are kept)')
     time.sleep(poll_s)

@@ -132,6 +132,9 @@ def get_config(preset: str = ""):
       block_size=4096,          # output block side (rounded up to whole heat-map tiles)
       compress="deflate",       # GeoTIFF compression of streamed outputs: deflate|lzw|zstd|none
       cog=False,                # streamed outputs as Cloud-Optimized GeoTIFFs
+      # Process 0 writes the files once every band is done; it gives up (an error naming the
+      # missing blocks; a rerun resumes) when no other process finished a block for this long.
+      stream_wait_s=3600.0,     # seconds; 0 = wait without a limit
   ))
   # Road graphs from predictions (cmmp_jax.graphs; fields = graphs.GraphParams, lengths in
   # pixels, defaults for ~0.5 m/px). --mode=predict writes {stem}_graph.geojson, .graphml and

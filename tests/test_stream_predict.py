@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -227,6 +228,35 @@ def test_bands_split_block_rows_and_missing_blocks_are_named(tmp_path):
     stream.assemble_outputs(tmp_path / 'x.stream', grid, GEO, tmp_path / 'p.tif',
                             tmp_path / 'r.tif')
   assert not (tmp_path / 'p.tif').exists()
+
+
+def test_waiting_for_other_bands_times_out_on_a_stall_not_on_a_long_band(tmp_path):
+  """Blocks landing every 0.15 s are waited for past the 0.4 s limit (it bounds a stall); once
+  they stop, the wait fails within the limit and names what is missing."""
+  import threading  # pylint: disable=import-outside-toplevel
+  grid = stream.BlockGrid(40, 60, 10)  # 4 x 6 blocks
+  folder = tmp_path / 'x.stream'
+  folder.mkdir()
+
+  def land(blocks):
+    for i, j in blocks:
+      time.sleep(0.15)
+      stream.block_path(folder, i, j).write_bytes(b'')
+
+  every = [(i, j) for i in range(grid.rows) for j in range(grid.cols)]
+  writer = threading.Thread(target=land, args=(every,))
+  start = time.monotonic()
+  writer.start()
+  stream.wait_for_blocks(folder, grid, timeout_s=0.4, poll_s=0.02, log=lambda _: None)
+  assert time.monotonic() - start > 3.0  # 24 blocks x 0.15 s: far past the limit
+  writer.join()
+  for i, j in every[5:]:
+    stream.block_path(folder, i, j).unlink()
+  start = time.monotonic()
+  with pytest.raises(stream.StreamError, match=r'no new block for 0.4 s with 19 block\(s\) of '
+                     r'other processes still missing'):
+    stream.wait_for_blocks(folder, grid, timeout_s=0.4, poll_s=0.02, log=lambda _: None)
+  assert time.monotonic() - start < 2.0
 
 
 def test_cog_output_and_inputs_that_cannot_stream(tmp_path):
