@@ -1,7 +1,8 @@
 """Benchmark of the streamed custom dataset build at growing raster sizes: time and peak memory.
 
     python -m benchmarks.stream_build [--sizes=5000,10000,20000 --points=10000000
-        --tile_size=512 --in_memory_sizes=5000 --workdir=DIR --json=PATH --keep]
+        --tile_size=512 --in_memory_sizes=5000 --beam_sizes=5000
+        --beam_pipeline_options=runner=DirectRunner --workdir=DIR --json=PATH --keep]
 
 For each size S a synthetic area is generated in --workdir (not timed): an S x S RGB uint8
 GeoTIFF in UTM 33N at 0.5 m, tiled 512 x 512, LZW, written block by block (never whole in
@@ -11,7 +12,9 @@ noise, 5% anywhere), written 1M rows at a time. Then `data_builders.build.build(
 runs in a fresh subprocess, which reports its wall time and its own peak resident memory
 (getrusage ru_maxrss: Python, numpy, rasterio, TFDS and the build together) and its resident
 memory before the build (the imports alone). With --in_memory_sizes the same areas are also
-built with `streaming: false` (the former in-memory build) for comparison.
+built with `streaming: false` (the former in-memory build) for comparison, and with
+--beam_sizes as an Apache Beam pipeline (--beam_pipeline_options; the default DirectRunner runs
+in the build's process, so its peak RSS is the pipeline's; it keeps its shuffle in memory).
 
 Prints one table and writes a JSON report (--json, default WORKDIR/stream_build.json). Timings
 come from whatever machine runs this; on a shared machine they are noisy, memory is not.
@@ -130,16 +133,20 @@ def _rss_bytes() -> int:
     return int(handle.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-def _child_build(manual_dir: str, data_dir: str, streamed: bool) -> None:
+MODES = {'streamed': 'streamed', 'memory': 'in memory', 'beam': 'beam'}
+
+
+def _child_build(manual_dir: str, data_dir: str, mode: str, beam_options: str) -> None:
   """Runs in the subprocess: one build; prints its report as the last stdout line."""
   from data_builders import build as build_lib
   spec_path = pathlib.Path(manual_dir) / 'custom.json'
   spec = json.loads(spec_path.read_text())
-  spec['streaming'] = streamed
+  spec['streaming'] = mode != 'memory'
   spec_path.write_text(json.dumps(spec))
   baseline = _rss_bytes()
   start = time.perf_counter()
-  version_dir = build_lib.build('custom', data_dir, manual_dir=manual_dir, overwrite=True)
+  version_dir = build_lib.build('custom', data_dir, manual_dir=manual_dir, overwrite=True,
+                                beam_pipeline_options=beam_options if mode == 'beam' else None)
   seconds = time.perf_counter() - start
   builder = build_lib.make_builder('custom', data_dir)
   counts = builder.info.metadata['custom_area']
@@ -153,13 +160,13 @@ def _child_build(manual_dir: str, data_dir: str, streamed: bool) -> None:
       'tensorflow_imported': 'tensorflow' in sys.modules}))
 
 
-def _run_build(area: pathlib.Path, data_dir: pathlib.Path, streamed: bool,
+def _run_build(area: pathlib.Path, data_dir: pathlib.Path, mode: str, beam_options: str,
                log_path: pathlib.Path) -> dict:
   shutil.rmtree(data_dir, ignore_errors=True)
   with open(log_path, 'a') as log:
     completed = subprocess.run(
         [sys.executable, '-m', 'benchmarks.stream_build', '--child_build', str(area),
-         str(data_dir), '1' if streamed else '0'],
+         str(data_dir), mode, beam_options],
         stdout=subprocess.PIPE, stderr=log, text=True, check=False,
         cwd=pathlib.Path(__file__).resolve().parent.parent)
   if completed.returncode != 0:
@@ -175,24 +182,28 @@ def main(argv=None) -> int:
   parser.add_argument('--tile_size', type=int, default=512)
   parser.add_argument('--in_memory_sizes', default='5000',
                       help='sizes also built in memory (streaming: false); empty for none')
+  parser.add_argument('--beam_sizes', default='',
+                      help='sizes also built as an Apache Beam pipeline; empty for none')
+  parser.add_argument('--beam_pipeline_options', default='runner=DirectRunner')
   parser.add_argument('--workdir', default=None)
   parser.add_argument('--json', default=None)
   parser.add_argument('--keep', action='store_true', help='keep generated areas and datasets')
-  parser.add_argument('--child_build', nargs=3, help=argparse.SUPPRESS)
+  parser.add_argument('--child_build', nargs=4, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child_build:
-    manual_dir, data_dir, streamed = args.child_build
-    _child_build(manual_dir, data_dir, streamed == '1')
+    _child_build(*args.child_build)
     return 0
   sizes = [int(s) for s in args.sizes.split(',') if s]
   in_memory = {int(s) for s in args.in_memory_sizes.split(',') if s}
+  beam = {int(s) for s in args.beam_sizes.split(',') if s}
   workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix='stream-build-bench-'))
   workdir.mkdir(parents=True, exist_ok=True)
   json_path = pathlib.Path(args.json) if args.json else workdir / 'stream_build.json'
   log_path = workdir / 'builds.log'
   report = {'meta': {'machine': platform.machine(), 'cpus': os.cpu_count(),
                      'load_average_start': os.getloadavg(), 'points': args.points,
-                     'tile_size': args.tile_size, 'python': platform.python_version()},
+                     'tile_size': args.tile_size, 'python': platform.python_version(),
+                     'beam_pipeline_options': args.beam_pipeline_options},
             'results': []}
   print(f'workdir {workdir}; build logs in {log_path}', flush=True)
   for size in sizes:
@@ -202,12 +213,12 @@ def main(argv=None) -> int:
           flush=True)
     write_area(area, size, args.points, args.tile_size)
     generate_s = time.perf_counter() - start
-    for streamed in (True, False):
-      if not streamed and size not in in_memory:
+    for kind, mode in MODES.items():
+      if (kind == 'memory' and size not in in_memory) or (kind == 'beam' and size not in beam):
         continue
-      mode = 'streamed' if streamed else 'in memory'
       print(f'[{size}] building ({mode}) ...', flush=True)
-      result = _run_build(area, workdir / f'data_{size}', streamed, log_path)
+      result = _run_build(area, workdir / f'data_{size}', kind, args.beam_pipeline_options,
+                          log_path)
       result.update(size=size, mode=mode, generate_s=generate_s,
                     megapixels=size * size / 1e6,
                     tiles_per_s=result['tiles'] / result['seconds'],

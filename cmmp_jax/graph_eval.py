@@ -3,11 +3,15 @@
 For each tile of the split: the predicted probability map (at label resolution) becomes a road
 graph with `graphs.extract_graph(prob, GraphParams.from_config(config.graph), heat-map)` (the
 heat-map only with config.graph.use_trajectories); the ground-truth graph comes from the
-dataset's vector labels where it stores them (the synthetic city's 'road_lines' feature: exact
-road centrelines, noded here by `polylines_to_graph`), otherwise from the ground-truth mask by
-the same extraction (without trajectories). Both graphs go to metres with the tile's metres per
-pixel (`PixelSize`) and are scored with `topology.apls` and `topology.topo` (default
-parameters: control points every 50 m, 4 m snapping; TOPO radius 150 m, 30 m spacing, 4 m holes).
+dataset's vector labels where it stores them (the 'road_lines' feature of the synthetic city and
+of custom areas: road centrelines in tile pixels, noded here by `polylines_to_graph`), otherwise
+from the ground-truth mask by the same extraction (without trajectories). A custom area whose
+GeoJSON also holds polygons or points on the raster (no centreline: in the masks, not in the
+lines; its metadata counts them) takes its ground truth from the masks (`gt_graph_source`).
+The evaluation names the source (GT_FROM_VECTORS / GT_FROM_MASKS) in its summary
+('graph_gt_source') and console line. Both graphs go to metres with the tile's metres per pixel
+(`PixelSize`) and are scored with `topology.apls` and `topology.topo` (default parameters:
+control points every 50 m, 4 m snapping; TOPO radius 150 m, 30 m spacing, 4 m holes).
 
 Aggregates are means over the tiles whose ground-truth graph has at least one edge; tiles without
 any ground-truth road are left out of the means (APLS and TOPO are undefined there: nothing to
@@ -17,7 +21,10 @@ a tile with roads scores 0.
 Where metres per pixel come from (`PixelSize.for_dataset`, first that applies):
   1. config.eval.metres_per_pixel > 0 (the user's value, for every tile);
   2. the synthetic city: its generator's tile_extent_m over the tile size (256 m per tile);
-  3. a custom area in a projected CRS: the raster's affine transform (pixel size in metres);
+  3. a custom area in a projected CRS: the ground size of the raster's pixel (its affine
+     transform) at each tile's centre: a one-pixel step along rows and columns taken to WGS84
+     and measured on the ellipsoid. (The transform's own size in CRS units is not the ground
+     size in every projection: Web Mercator's is 1 / cos(latitude) times too large.)
   4. the tile's stored bounds (WGS84 degrees; BJRoad with coordinate files, custom areas in a
      geographic CRS): extent in metres at the tile's latitude over its pixels;
   5. the dataset's documented value (DOCUMENTED_METRES_PER_PIXEL, with where it is stated).
@@ -43,6 +50,7 @@ from cmmp_jax import config_checks, sharding, topology
 from cmmp_jax import graphs as graphs_lib
 from cmmp_jax.data import geo as geo_lib
 from data_builders import build as build_lib
+from data_builders import common as builders_common
 
 # Per-dataset pixel sizes where tiles carry no usable bounds: (metres per pixel, where it is
 # stated).
@@ -56,8 +64,8 @@ DOCUMENTED_METRES_PER_PIXEL = {
     'tlcgis': (0.5 * 0.3048, 'TLCGIS documented value 0.5 ft = 0.1524 m/px (CMMPNet paper, '
                              'Sec. VI)'),
 }
-# The feature holding vector labels (data_builders/synthetic: JSON of pixel polylines).
-ROAD_LINES_FEATURE = 'road_lines'
+# The feature holding vector labels (data_builders/common.py: JSON of pixel polylines).
+ROAD_LINES_FEATURE = builders_common.ROAD_LINES_FEATURE
 GT_FROM_VECTORS = 'from vector labels'
 GT_FROM_MASKS = 'extracted from masks'
 
@@ -85,23 +93,51 @@ def metres_per_pixel_from_bounds(bounds, height: int, width: int) -> float | Non
   return math.sqrt((east - west) * lon_m / width * (north - south) * lat_m / height)
 
 
+def ground_metres_per_pixel(crs, transform: Sequence[float], lon: float, lat: float) -> float:
+  """Ground size (m) of a pixel of a raster in a projected CRS, at (lon, lat) degrees.
+
+  Args:
+    crs: the raster's CRS (anything rasterio.crs.CRS.from_user_input reads).
+    transform: its affine transform (a, b, c, d, e, f), pixel -> CRS.
+    lon, lat: where (WGS84 degrees).
+
+  Returns:
+    The geometric mean of the lengths of one step along a row and one along a column, taken to
+    WGS84 lon/lat (rasterio.warp) and measured there on the ellipsoid (metres per degree).
+  """
+  import rasterio.warp  # pylint: disable=g-import-not-at-top
+  (x,), (y,) = rasterio.warp.transform('EPSG:4326', crs, [lon], [lat])
+  a, b, _, d, e, _ = transform
+  lons, lats = rasterio.warp.transform(crs, 'EPSG:4326', [x, x + a, x + b], [y, y + d, y + e])
+  lon_m, lat_m = _metres_per_degree(lats[0])
+  along_row = math.hypot((lons[1] - lons[0]) * lon_m, (lats[1] - lats[0]) * lat_m)
+  along_column = math.hypot((lons[2] - lons[0]) * lon_m, (lats[2] - lats[0]) * lat_m)
+  return math.sqrt(along_row * along_column)
+
+
 @dataclasses.dataclass(frozen=True)
 class PixelSize:
   """How a dataset's tiles get their metres per pixel.
 
-  constant: one value for every tile (None: per tile from its bounds, falling back to
-    `fallback`); source: where the constant comes from, in words; fallback: (value, source)
-    for tiles without bounds, or None.
+  constant: one value for every tile (None: per tile, from `projected` or else from its
+    bounds, falling back to `fallback`); source: where the value comes from, in words;
+    fallback: (value, source) for tiles without bounds, or None; projected: (CRS, affine
+    transform (a, b, c, d, e, f)) of a raster in a projected CRS: ground_metres_per_pixel at
+    the centre of the tile's bounds.
   """
   constant: float | None
   source: str
   fallback: tuple[float, str] | None = None
+  projected: tuple[str, tuple[float, ...]] | None = None
 
   def for_tile(self, bounds, height: int, width: int) -> tuple[float, str]:
     """(metres per pixel, source) of one tile; raises ConfigError when it cannot be known."""
     if self.constant is not None:
       return self.constant, self.source
     value = metres_per_pixel_from_bounds(bounds, height, width)
+    if value is not None and self.projected is not None:
+      west, south, east, north = np.asarray(bounds, np.float64).reshape(-1)
+      value = ground_metres_per_pixel(*self.projected, (west + east) / 2, (south + north) / 2)
     if value is not None:
       return value, self.source
     if self.fallback is not None:
@@ -128,13 +164,20 @@ class PixelSize:
     area = (builder.info.metadata or {}).get('custom_area')
     if area and area.get('crs') and area.get('transform'):
       import rasterio.crs  # pylint: disable=g-import-not-at-top
+      import rasterio.warp  # pylint: disable=g-import-not-at-top
       crs = rasterio.crs.CRS.from_user_input(area['crs'])
       if crs.is_projected:
-        a, b, _, d, e, _ = area['transform']
-        factor = crs.linear_units_factor[1]
-        value = math.sqrt(math.hypot(a, d) * math.hypot(b, e)) * factor
-        return cls(value, f"raster transform of {area.get('imagery', 'the imagery')} "
-                          f"({crs.to_string()}): {value:.4g} m/px")
+        transform = tuple(float(v) for v in area['transform'][:6])
+        source = (f"raster transform of {area.get('imagery', 'the imagery')} "
+                  f"({crs.to_string()}), ground size at each tile's centre")
+        # For a tile without bounds (custom tiles always have them): the raster centre's size.
+        a, b, c, d, e, f = transform
+        col, row = area.get('raster_width', 0) / 2, area.get('raster_height', 0) / 2
+        (lon,), (lat,) = rasterio.warp.transform(crs, 'EPSG:4326', [a * col + b * row + c],
+                                                 [d * col + e * row + f])
+        centre = ground_metres_per_pixel(crs, transform, lon, lat)
+        return cls(None, source, fallback=(centre, f"{source} (the raster's centre)"),
+                   projected=(crs.to_string(), transform))
     if metres_per_pixel_from_bounds(first_bounds, 1, 1) is not None:
       return cls(None, 'tile bounds (WGS84)', documented)
     if documented is not None:
@@ -321,6 +364,24 @@ def summarize(tiles: Sequence[dict]) -> dict:
 # A whole split.
 
 
+def gt_graph_source(builder) -> tuple[bool, str]:
+  """(whether ground-truth graphs come from the dataset's 'road_lines', that source in words).
+
+  Vectors when the dataset stores 'road_lines', unless it is a custom area whose build counted
+  road geometries without a centreline on the raster (metadata 'custom_area',
+  road_geometries_without_centreline: polygons, points), which are in the masks only: then the
+  masks, which hold every road.
+  """
+  if ROAD_LINES_FEATURE not in builder.info.features:
+    return False, GT_FROM_MASKS
+  area = (builder.info.metadata or {}).get('custom_area') or {}
+  without = int(area.get('road_geometries_without_centreline') or 0)
+  if without:
+    return False, (f'{GT_FROM_MASKS} ({without} road polygons/points of the custom area have '
+                   'no centreline)')
+  return True, GT_FROM_VECTORS
+
+
 class GraphScorer:
   """Scores the probability maps of an evaluation, batch by batch (evaluate.evaluate_split's
   on_probs hook), against the split's ground truth read from the dataset by record index.
@@ -336,13 +397,12 @@ class GraphScorer:
     data = config.data
     builder = build_lib.make_builder(
         data.name, pathlib.Path(data.data_dir).expanduser().absolute(), data.config or None)
-    self.has_vectors = ROAD_LINES_FEATURE in builder.info.features
+    self.has_vectors, self.gt_source = gt_graph_source(builder)
     decoders = {'image': tfds.decode.SkipDecoding()}
     if not self.params.use_trajectories:
       decoders['aux'] = tfds.decode.SkipDecoding()
     self.source = builder.as_data_source(split=split, decoders=decoders)
     self.pixel_size = PixelSize.for_dataset(config, builder, self.source[0]['bounds'])
-    self.gt_source = GT_FROM_VECTORS if self.has_vectors else GT_FROM_MASKS
     self.tiles: list[dict] = []
     self.seconds = 0.0
 

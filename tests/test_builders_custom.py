@@ -428,3 +428,142 @@ def test_roads_off_the_imagery_are_an_error_or_a_warning_with_counts(tmp_path, c
   with pytest.raises(common.DatasetFileError,
                      match=r'roads\.geojson: none of its 1 road geometries overlaps the imagery'):
     build(tmp_path / 'again', manual='../manual')
+
+
+# ---------------------------------------------------------------------------
+# Road centrelines ('road_lines'): the vector labels of graph metrics.
+
+
+def test_tile_road_lines_clip_to_the_tile_in_pixel_centre_coordinates():
+  """Continuous raster pixels (pixel (r, c) spans [c, c + 1)) -> tile pixels with the centre of
+  mask[r, c] at (c, r), clipped to the tile's part on the raster: x, y in [-0.5, n - 0.5]."""
+  lines = [
+      np.array([[2.5, 3.5], [22.5, 13.5]]),  # enters the tile at col0 = 16 through its west edge
+      None,                                  # a polygon's entry: skipped
+      np.array([[17.5, -5.0], [20.5, 5.0], [23.5, -5.0], [26.5, 5.0]]),  # out, in, out, in
+      np.array([[100.0, 100.0], [120.0, 120.0]]),  # off the tile
+  ]
+  got = custom_lib.tile_road_lines(lines, 0, 16, 16, 16)
+  # (2.5, 3.5) - (16.5, 0.5) = (-14, 3) to (6, 13): x = -0.5 at t = 13.5 / 20, y = 3 + 6.75.
+  expected = [[[-0.5, 9.75], [6.0, 13.0]],
+              [[2.5, -0.5], [4.0, 4.5], [5.5, -0.5]],
+              [[8.5, -0.5], [10.0, 4.5]]]
+  assert len(got) == len(expected)
+  for line, want in zip(got, expected):
+    assert line.dtype == np.float64
+    np.testing.assert_allclose(line, want, rtol=0, atol=1e-12)
+  # An edge tile with 8 of its 16 columns on the raster: cut at the raster's edge (x = 7.5).
+  edge = custom_lib.tile_road_lines([np.array([[30.0, 4.5], [60.0, 4.5]])], 0, 32, 16, 8)
+  np.testing.assert_allclose(edge[0], [[-0.5, 4.0], [7.5, 4.0]], rtol=0, atol=1e-12)
+  # GeoJSON geometries in the raster CRS -> continuous pixels: only lines with two distinct
+  # vertices; Polygons and Points have no centreline.
+  transform = geo_lib.GeoInfo.from_bounds(BOUNDS, SIZE, SIZE, 'EPSG:4326').transform
+  lon, lat = pixel_centre(10, 3)
+  px = custom_lib.road_lines_px([
+      {'type': 'LineString', 'coordinates': [[lon, lat, 7.0], [lon + 2 * STEP, lat]]},
+      {'type': 'LineString', 'coordinates': [[lon, lat], [lon, lat]]},
+      {'type': 'Point', 'coordinates': [lon, lat]},
+      {'type': 'Polygon', 'coordinates': [[[lon, lat], [lon + STEP, lat], [lon, lat - STEP],
+                                           [lon, lat]]]}], transform)
+  np.testing.assert_allclose(px[0], [[3.5, 10.5], [5.5, 10.5]], atol=1e-9)
+  assert px[1:] == [None, None, None]
+
+
+# Stored road lines of make_area's tiles (16 px tiles of a 40 x 40 raster, the last row and
+# column of tiles 8 px on the raster): the E-W road through row 10, the N-S road through column
+# 30 (x = 14 in tile column 1), both clipped at tile borders and at the raster's edge.
+WEST_EAST = lambda end: [[-0.5, 10.0], [end, 10.0]]
+NORTH_SOUTH = lambda end: [[14.0, -0.5], [14.0, end]]
+MAKE_AREA_ROAD_LINES = {
+    'area_0_0': [WEST_EAST(15.5)], 'area_0_1': [WEST_EAST(15.5), NORTH_SOUTH(15.5)],
+    'area_0_2': [WEST_EAST(7.5)], 'area_1_1': [NORTH_SOUTH(15.5)],
+    'area_2_1': [NORTH_SOUTH(7.5)], 'area_1_0': [], 'area_1_2': [], 'area_2_0': [],
+    'area_2_2': []}
+
+
+def test_built_tiles_store_their_road_lines_and_a_crossing_is_a_4_way_junction(tmp_path):
+  from cmmp_jax import graph_eval
+  make_area(tmp_path / 'manual')
+  builder = build(tmp_path)
+  assert str(builder.version) == '1.2.0' and 'road_lines' in builder.info.features
+  examples = read_all(builder)
+  assert sorted(examples) == sorted(MAKE_AREA_ROAD_LINES)
+  for tile_id, (_, example) in examples.items():
+    stored = graph_eval.parse_road_lines(example['road_lines'])
+    assert len(stored) == len(MAKE_AREA_ROAD_LINES[tile_id]), tile_id
+    for line, want in zip(stored, MAKE_AREA_ROAD_LINES[tile_id]):
+      np.testing.assert_allclose(line, want, rtol=0, atol=1e-4, err_msg=tile_id)
+  assert builder.info.metadata['custom_area']['road_geometries_without_centreline'] == 0
+  # The ground-truth graph of the tile with the crossing: a degree-4 node at (14, 10), four
+  # ends on the tile's border; edges of 14.5 and 1.5 px (E-W), 10.5 and 5.5 px (N-S).
+  _, crossing = examples['area_0_1']
+  graph = graph_eval.polylines_to_graph(graph_eval.parse_road_lines(crossing['road_lines']),
+                                        16, 16)
+  nodes = sorted((round(d['x'], 4), round(d['y'], 4), graph.degree(n))
+                 for n, d in graph.nodes(data=True))
+  assert nodes == [(-0.5, 10.0, 1), (14.0, -0.5, 1), (14.0, 10.0, 4), (14.0, 15.5, 1),
+                   (15.5, 10.0, 1)]
+  assert sorted(round(d['length'], 4) for _, _, d in graph.edges(data=True)) == [
+      1.5, 5.5, 10.5, 14.5]
+
+
+def _graph_scorer(data_dir, split):
+  """graph_eval's evaluator of `--mode=eval` on the built custom area, one batch per split."""
+  from cmmp_jax import graph_eval
+  from configs import custom as custom_config
+  config = custom_config.get_config()
+  config.data.data_dir = str(data_dir)
+  count = len(Custom(data_dir=str(data_dir)).as_data_source(split=split))
+  config.eval_batch_size = count
+  return graph_eval.GraphScorer(config, split, count), count
+
+
+def test_graph_metrics_of_a_custom_area_use_its_road_lines(tmp_path):
+  from cmmp_jax import graph_eval
+  make_area(tmp_path / 'manual')
+  build(tmp_path)
+  scorer, count = _graph_scorer(tmp_path / 'data', 'train')
+  assert scorer.has_vectors and scorer.gt_source == graph_eval.GT_FROM_VECTORS
+  masks = np.stack([scorer.source[i]['mask'] for i in range(count)]).astype(np.float32)
+  scorer.add(0, masks)
+  summary = scorer.summary()
+  assert summary['graph_gt_source'] == graph_eval.GT_FROM_VECTORS
+  # Tiles with roads: those of the train split whose stored lines are not empty.
+  with_lines = [t for t in summary['graph_tiles'] if MAKE_AREA_ROAD_LINES[t['tile_id']]]
+  assert summary['num_graph_tiles'] == len(with_lines) >= 3
+  for tile in with_lines:  # vector lengths: 16 px per full crossing, 8 at the raster's edge
+    expected_px = sum(abs(np.subtract(*line)).sum() for line in
+                      np.array(MAKE_AREA_ROAD_LINES[tile['tile_id']]).reshape(-1, 2, 2))
+    assert tile['gt_length_m'] == pytest.approx(expected_px * tile['metres_per_pixel'])
+  # A geographic raster: metres per pixel from each tile's WGS84 bounds (1.1132 x 1.1057 m).
+  assert summary['metres_per_pixel'][0] == pytest.approx(np.sqrt(1.11319 * 1.10574), rel=1e-4)
+  line = scorer.console_line(summary)
+  assert 'gt graphs: from vector labels' in line and 'tile bounds (WGS84)' in line
+  assert 'ceiling_apls' in summary  # the true mask scored against the lines
+
+
+def test_polygons_and_points_are_counted_and_send_graph_metrics_to_the_masks(tmp_path, caplog):
+  """A GeoJSON of road areas (a polygon) and a point: masks but no centrelines; the build
+  counts them and warns, and graph metrics take their ground truth from the masks."""
+  from cmmp_jax import graph_eval
+  manual = tmp_path / 'manual'
+  make_area(manual, spec_overrides={'validation_fraction': 0, 'test_fraction': 0})
+  corners = [pixel_centre(r, c) for r, c in ((2, 2), (2, 12), (6, 12), (6, 2), (2, 2))]
+  off = [pixel_centre(r, c) for r, c in ((-90, -90), (-80, -90), (-80, -80), (-90, -90))]
+  (manual / 'roads.geojson').write_text(json.dumps({'type': 'FeatureCollection', 'features': [
+      {'type': 'Feature', 'properties': {}, 'geometry': g} for g in (
+          {'type': 'Polygon', 'coordinates': [corners]},
+          {'type': 'Polygon', 'coordinates': [off]},  # off the raster: not counted
+          {'type': 'Point', 'coordinates': pixel_centre(30, 30)})]}))
+  builder = build(tmp_path)
+  counts = builder.info.metadata['custom_area']
+  assert counts['road_geometries_without_centreline'] == 2 and counts['road_pixels'] > 40
+  assert '2 road geometries of' in caplog.text and 'without a centreline' in caplog.text
+  examples = read_all(builder)
+  assert all(json.loads(ex['road_lines']) == {'units': 'pixel', 'lines': []}
+             for _, ex in examples.values())
+  assert examples['area_0_0'][1]['mask'].any()
+  scorer, _ = _graph_scorer(tmp_path / 'data', 'train')
+  assert not scorer.has_vectors
+  assert scorer.gt_source.startswith(graph_eval.GT_FROM_MASKS)
+  assert '2 road polygons/points of the custom area have no centreline' in scorer.gt_source

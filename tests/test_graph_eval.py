@@ -5,16 +5,19 @@ import json
 import math
 import types
 
+import affine
 import cv2
 import numpy as np
 import pytest
+import rasterio.warp
 from scipy import ndimage
 
 from cmmp_jax import config_checks, graph_eval
+from cmmp_jax.data import geo as geo_lib
 from cmmp_jax.data import synthetic
 from configs import synthetic as synthetic_config
 from data_builders import build as build_lib
-from data_builders.synthetic import synthetic as synthetic_builder
+from data_builders import common
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +110,16 @@ def test_the_built_dataset_stores_the_generators_road_lines(tiny_data):
     assert len(stored) == len(tile["road_lines"]) >= 2
     for a, b in zip(stored, tile["road_lines"]):
       np.testing.assert_allclose(a, b, atol=6e-5)  # 1e-4 px precision
-  assert json.loads(synthetic_builder.road_lines_json([np.zeros((2, 2))])) == {
+  assert json.loads(common.road_lines_json([np.zeros((2, 2))])) == {
       "units": "pixel", "lines": [[[0.0, 0.0], [0.0, 0.0]]]}
+  # make_example stores them, and names the tile's source for a line that is not (N >= 2, 2)
+  tile = [np.zeros((4, 4, c), np.uint8) for c in (3, 1, 1)]
+  example = common.make_example("t", *tile, road_lines=[[[0.123456, 1], [2, 3]]])
+  assert json.loads(example["road_lines"])["lines"] == [[[0.1235, 1.0], [2.0, 3.0]]]
+  assert "road_lines" not in common.make_example("t", *tile)
+  with pytest.raises(common.DatasetFileError, match=r"tile\.tif: road line 1 must be"):
+    common.make_example("t", *tile, source="tile.tif", road_lines=[np.zeros((2, 2)),
+                                                                   np.zeros((1, 2))])
 
 
 # -- metres per pixel ---------------------------------------------------------------------------
@@ -160,13 +171,29 @@ def test_metres_per_pixel_from_bounds_and_from_a_projected_transform():
   assert size.source == "tile bounds (WGS84)"
   assert size.for_tile(bounds, 1000, 2000)[0] == pytest.approx(expected, rel=1e-6)
   assert size.for_tile(NAN4, 1024, 1024)[0] == 0.5  # a tile without bounds: documented value
-  # a custom area in UTM: its transform's 0.3 m pixels
+  # a custom area in UTM: its transform's 0.3 m pixels on the ground, where the tile is: 60 km
+  # west of the central meridian the scale factor is 0.9996 (1 + x^2 / 2R^2) = 0.999644
   area = {"crs": "EPSG:32650", "transform": [0.3, 0.0, 440000.0, 0.0, -0.3, 4420000.0],
-          "imagery": "area.tif"}
+          "imagery": "area.tif", "raster_height": 1024, "raster_width": 1024}
+  transform = affine.Affine(*area["transform"])
+  utm_bounds = geo_lib.pixel_bounds_to_lonlat(transform, "EPSG:32650", 0, 0, 512, 512)
   size = graph_eval.PixelSize.for_dataset(_config_for("custom"), _fake_builder(
-      "default", {"custom_area": area}), bounds)
-  assert size.for_tile(bounds, 512, 512)[0] == pytest.approx(0.3)
+      "default", {"custom_area": area}), utm_bounds)
+  assert size.for_tile(utm_bounds, 512, 512)[0] == pytest.approx(0.3 / 0.999644, rel=1e-6)
+  assert size.for_tile(NAN4, 512, 512)[0] == pytest.approx(0.3 / 0.999644, rel=1e-6)
   assert "area.tif" in size.source and "EPSG:32650" in size.source
+  # ... and in Web Mercator, whose 'metres' are not the ground's: at 60 degrees N a 0.3 m
+  # pixel is 0.3 cos(60) / sqrt(1 - e2 sin2) = 0.15038 m east-west and 0.3 cos(60) (1 - e2) /
+  # (1 - e2 sin2)^1.5 = 0.15013 m north-south on the WGS84 ellipsoid (e2 = 0.00669438).
+  (x,), (y,) = rasterio.warp.transform("EPSG:4326", "EPSG:3857", [10.0], [60.0])
+  area = {"crs": "EPSG:3857", "transform": [0.3, 0.0, x, 0.0, -0.3, y], "imagery": "m.tif"}
+  size = graph_eval.PixelSize.for_dataset(_config_for("custom"), _fake_builder(
+      "default", {"custom_area": area}), utm_bounds)
+  w = 1 - 0.00669438 * 0.75
+  expected = 0.15 * math.sqrt(1 / math.sqrt(w) * (1 - 0.00669438) / w ** 1.5)
+  tile = geo_lib.pixel_bounds_to_lonlat(affine.Affine(*area["transform"]), "EPSG:3857",
+                                        -256, -256, 512, 512)  # centred on (10, 60)
+  assert size.for_tile(tile, 512, 512)[0] == pytest.approx(expected, rel=1e-5)
   with pytest.raises(config_checks.ConfigError, match="config.eval.metres_per_pixel"):
     graph_eval.PixelSize.for_dataset(_config_for("mystery"), _fake_builder("default"), NAN4)
 

@@ -118,11 +118,13 @@ def test_streamed_build_equals_in_memory_build_bit_for_bit(tmp_path, monkeypatch
   counts = streamed.info.metadata['custom_area']
   assert counts['road_pixels'] > 300 and counts['gps_points'] == 1000
   assert 0 < counts['gps_points_on_raster'] < 1000 and counts['road_geometries_on_raster'] == 5
-  # What was compared is not empty: roads, heat-map and image in several tiles.
+  assert counts['road_geometries_without_centreline'] == 2  # the polygon and the point
+  # What was compared is not empty: roads, road lines, heat-map and image in several tiles.
   source = streamed.as_data_source(split='train')
   examples = [source[i] for i in range(len(source))]
   assert sum(ex['mask'].any() for ex in examples) >= 5
   assert sum(ex['aux'].any() for ex in examples) >= 5
+  assert sum(len(json.loads(ex['road_lines'])['lines']) > 0 for ex in examples) >= 5
   # The work folder is gone.
   assert not list((tmp_path / 'data_True' / 'downloads').glob('custom-stream-*'))
 
@@ -240,7 +242,7 @@ def test_streamed_build_errors_leave_nothing(tmp_path):
   with pytest.raises(common.DatasetFileError, match=r'gps\.csv: line 3'):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
   assert not list((tmp_path / 'data' / 'downloads').glob('custom-stream-*'))
-  assert not (tmp_path / 'data' / 'custom' / 'x' / '1.1.0').exists()
+  assert not (tmp_path / 'data' / 'custom' / 'x' / str(Custom.VERSION)).exists()
   with pytest.raises(common.SpecError, match='streaming must be true or false'):
     CustomSpec(imagery='a.tif', roads='r.geojson', streaming='yes').validate('spec')
 
@@ -276,3 +278,8 @@ def test_streamed_utm_raster_with_lonlat_roads_and_gps_equals_in_memory(tmp_path
   memory, streamed = build_both(tmp_path, folder, monkeypatch, road_width_m=3.0)
   assert assert_same_build(memory, streamed) == 9
   assert streamed.info.metadata['custom_area']['road_pixels'] > 100
+  # The reprojected lines, stored per tile: both roads cross the 3 x 3 tiles of 16 px.
+  lines = [json.loads(streamed.as_data_source(split=split)[i]['road_lines'])['lines']
+           for split in streamed.info.splits
+           for i in range(len(streamed.as_data_source(split=split)))]
+  assert sum(len(tile) for tile in lines) >= 6
