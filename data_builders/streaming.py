@@ -186,6 +186,9 @@ class ImageryWindows:
     preparation: the InputPreparation resolved against the whole raster (what the in-memory
       build records: bit_depth applied, stretch_low/high computed).
 
+  Args (constructor): path, preparation (the spec's), strip_rows (rows per strip of the pass),
+    resolved: preparation was already resolved by this class on the same file (no pass).
+
   Raises (from the constructor):
     reading.ReadError: not a readable TIFF, no CRS, or what prepare_image raises on the whole
       raster (bands it lacks, samples without a bit depth, negative values, ...).

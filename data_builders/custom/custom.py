@@ -96,6 +96,13 @@ about 5 bytes per pixel plus ~100 per GPS point while reading them: 1.6 GB at 5k
 at 10k x 10k with 10M points) and is slower (it parses CSVs row by row). Float imagery under
 'percentile' is the exception: streamed, its stretch comes from a decimated read of at most 4M
 pixels (the recorded values are what was applied).
+
+Apache Beam. With Beam pipeline options (`python -m data_builders.build custom
+--beam_pipeline_options=runner=...`, TFDS's DownloadConfig.beam_options or beam_runner), the
+build is one Beam pipeline run by TFDS (BeamArea, data_builders.beam_tiles): the launcher
+resolves the preparation and the tiles; workers read GPS files in chunks, group the points by
+tile (one shuffle) and make each tile's example; the counts return as Beam metrics. The same
+examples, splits, record and counts as the streamed build (tests/test_beam_build.py).
 """
 from __future__ import annotations
 
@@ -597,8 +604,7 @@ def roads_in_raster(geometries: Sequence[dict], geometries_crs, geo: geo_lib.Geo
                     road_width_m: float) -> tuple[list[dict], streaming.RoadIndex]:
   """The geometries in the raster's CRS, and the index that finds those that can mark a window
   (their vertices' pixel boxes grown by the widest half road width in pixels)."""
-  roads = [rasterio.warp.transform_geom(geometries_crs, geo.crs, g)
-           if geometries_crs != geo.crs else g for g in geometries]
+  roads = geometries_in_crs(geometries, geometries_crs, geo.crs)
   boxes = np.zeros((len(roads), 4))
   for i, geometry in enumerate(roads):
     cols, rows = geo_lib.world_to_pixel(*_vertices_xy(geometry).T, geo.transform)
