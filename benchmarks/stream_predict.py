@@ -1,7 +1,7 @@
 """Benchmark of streaming prediction (cmmp_jax.stream): throughput and peak memory vs raster size.
 
     python -m benchmarks.stream_predict [--sizes=5000,10000,20000 --width=0.25 --window=512
-        --overlap=64 --batch_size=4 --block_size=4096 --points_per_mpx=5000
+        --overlap=64 --batch_size=4 --block_size=4096 --points_per_mpx=5000 --scale=1
         --workdir=runs/stream_bench --json=runs/stream_predict.json]
 
 For each size S, in a fresh child process (so that each size has its own peak RSS):
@@ -10,7 +10,9 @@ For each size S, in a fresh child process (so that each size has its own peak RS
      points_per_mpx * S^2 / 1e6 points (UTM metres) on its roads, written in chunks;
   2. predicts it with predict.predict_directory(stream_mode='on'): a CMMPNet of the given width
      (random weights: throughput and memory only), jitted on batch_size windows, the heat-map
-     rendered per 1024 px tile (the dataset grid of the input preparation);
+     rendered per 1024 px tile (the dataset grid of the input preparation), at the training
+     scale --scale (e.g. 0.5: BJRoad's 1024 px tiles trained at 512; windows then run on the
+     model grid, S * scale px a side, and the outputs are resized back to S);
   3. reports generation and prediction seconds, megapixels per second of prediction (raster
      pixels / prediction seconds, compilation excluded: the forward is compiled and run once
      before timing) and the child's peak RSS (ru_maxrss) after generation and at the end.
@@ -39,6 +41,7 @@ flags.DEFINE_integer('batch_size', 4, 'windows per forward call')
 flags.DEFINE_integer('block_size', 4096, 'streaming block side')
 flags.DEFINE_integer('tile_size', 1024, 'heat-map tile grid (the dataset tile size)')
 flags.DEFINE_integer('points_per_mpx', 5000, 'GPS points per megapixel')
+flags.DEFINE_float('scale', 1.0, 'training scale data.input_size / tile size')
 flags.DEFINE_string('workdir', 'runs/stream_bench', 'where rasters and outputs go')
 flags.DEFINE_string('json', 'runs/stream_predict.json', 'where the results go')
 flags.DEFINE_integer('one_size', 0, 'internal: run one size in this process')
@@ -152,14 +155,15 @@ def run_one(size: int) -> dict:
   summary = predict.predict_directory(
       apply, image_path, folder / 'out', gps_csv=csv_path, preparation=record, stream_mode='on',
       window=window, overlap=FLAGS.overlap, batch_size=FLAGS.batch_size,
-      block_size=FLAGS.block_size, log=lambda line: print(line, flush=True))
+      block_size=FLAGS.block_size, scale=FLAGS.scale, log=lambda line: print(line, flush=True))
   predict_s = time.perf_counter() - start
   tile = summary['tiles'][0]
   out_bytes = sum(os.path.getsize(p) for p in summary['written'])
   if not FLAGS.keep:
     import shutil
     shutil.rmtree(folder, ignore_errors=True)
-  return {'size': size, 'megapixels': size * size / 1e6, 'gps_points': n_points,
+  return {'size': size, 'scale': FLAGS.scale, 'megapixels': size * size / 1e6,
+          'gps_points': n_points,
           'generate_s': generate_s, 'compile_s': compile_s, 'batch_s': batch_s,
           'predict_s': predict_s, 'mpx_per_s': size * size / 1e6 / predict_s,
           'blocks': tile['blocks'], 'peak_rss_mb_after_generate': rss_after_generate,
@@ -178,7 +182,7 @@ def main(argv):
     args = [sys.executable, '-m', 'benchmarks.stream_predict', f'--one_size={size}'] + [
         f'--{name}={getattr(FLAGS, name)}' for name in (
             'width', 'window', 'overlap', 'batch_size', 'block_size', 'tile_size',
-            'points_per_mpx', 'workdir', 'keep')]
+            'points_per_mpx', 'scale', 'workdir', 'keep')]
     print(f'--- {size} x {size} px', flush=True)
     process = subprocess.run(args, capture_output=True, text=True)
     result = [line for line in process.stdout.splitlines() if line.startswith('RESULT ')]
@@ -188,15 +192,17 @@ def main(argv):
     rows.append(json.loads(result[0][len('RESULT '):]))
     print(f"{size}: {rows[-1]['mpx_per_s']:.3f} Mpx/s, peak RSS {rows[-1]['peak_rss_mb']:.0f} MB",
           flush=True)
-  header = (f"{'side px':>8} {'Mpx':>7} {'GPS pts':>10} {'gen s':>7} {'predict s':>10} "
-            f"{'Mpx/s':>7} {'blocks':>6} {'peak RSS MB':>12}")
+  header = (f"{'side px':>8} {'scale':>6} {'Mpx':>7} {'GPS pts':>10} {'gen s':>7} "
+            f"{'predict s':>10} {'Mpx/s':>7} {'blocks':>6} {'peak RSS MB':>12}")
   print(header)
   for row in rows:
-    print(f"{row['size']:>8} {row['megapixels']:>7.1f} {row['gps_points']:>10} "
-          f"{row['generate_s']:>7.1f} {row['predict_s']:>10.1f} {row['mpx_per_s']:>7.3f} "
+    print(f"{row['size']:>8} {row['scale']:>6g} {row['megapixels']:>7.1f} "
+          f"{row['gps_points']:>10} {row['generate_s']:>7.1f} {row['predict_s']:>10.1f} "
+          f"{row['mpx_per_s']:>7.3f} "
           f"{row['blocks']:>6} {row['peak_rss_mb']:>12.0f}")
   settings = {name: getattr(FLAGS, name) for name in (
-      'width', 'window', 'overlap', 'batch_size', 'block_size', 'tile_size', 'points_per_mpx')}
+      'width', 'window', 'overlap', 'batch_size', 'block_size', 'tile_size', 'points_per_mpx',
+      'scale')}
   payload = {'benchmark': 'stream_predict', 'settings': settings, 'rows': rows,
              'machine': {'platform': platform.platform(), 'cpus': os.cpu_count(),
                          'load_average': os.getloadavg()}}

@@ -23,8 +23,10 @@ maximum, from the image's top-left pixel), so a raster the dataset was built fro
 bit-identical to the dataset's tiles.
 
 Scale: a model trained on tile_size tiles resized to data.input_size sees every input resized by
-input_size / tile_size (cv2 bilinear, as training), and its probabilities are resized back to
-the input's grid.
+s = input_size / tile_size to the model grid (round(H s), round(W s)), and its probabilities
+are resized back to the input's grid, both by cmmp_jax.model_grid (bilinear with OpenCV's
+arithmetic: a dataset tile gets exactly the training pipeline's cv2 resize; unlike a whole-image
+cv2.resize, any window of the result is computed alone, which streaming relies on).
 
 Inputs (one folder, not recursive; extensions case-insensitive):
   Images: .png .jpg .jpeg .tif .tiff, prepared as the dataset's images were
@@ -71,8 +73,11 @@ and blending as in memory (bit-identical outputs), and written as tiled, compres
 batch size only. A killed run resumes from its finished blocks ({stem}.stream/ beside the
 outputs). Several processes share one streamed raster in bands of block rows; process 0 writes
 the GeoTIFFs once all bands are done. The road graph of a streamed raster is built from the
-probability GeoTIFF read back block by block (cmmp_jax.stream_graph). Streaming predicts at
-scale 1 only (a model trained at another scale is predicted in memory under 'auto').
+probability GeoTIFF read back block by block (cmmp_jax.stream_graph). A model trained at a scale
+s != 1 streams too: blocks and windows run on the model grid, each model-grid window resized
+from the raster window under it (plus its bilinear margin), and the GeoTIFFs are resized back
+block by block, by the very rule the in-memory path uses (cmmp_jax.model_grid), so the outputs
+are the same bits.
 """
 from __future__ import annotations
 
@@ -85,7 +90,6 @@ import pathlib
 import time
 from typing import Any, Callable, Sequence
 
-import cv2
 import jax
 import numpy as np
 import rasterio
@@ -93,7 +97,8 @@ import rasterio.errors
 import rasterio.warp
 from PIL import Image
 
-from cmmp_jax import evaluate, inference, reporting, sharding, steps, stream, stream_graph
+from cmmp_jax import evaluate, inference, model_grid, reporting, sharding, steps, stream
+from cmmp_jax import stream_graph
 from cmmp_jax import graphs as graphs_lib
 from cmmp_jax.data import sources
 from cmmp_jax.data import geo as geo_lib
@@ -323,17 +328,11 @@ def _scaled_forward(forward: Forward, scaling: str) -> Forward:
   return scaled
 
 
-def resize_uint8(array: np.ndarray, height: int, width: int) -> np.ndarray:
-  """uint8 (H, W, C) -> (height, width, C), cv2 bilinear: the training pipeline's resize."""
-  if array.shape[:2] == (height, width):
-    return array
-  resized = cv2.resize(array, (width, height), interpolation=cv2.INTER_LINEAR)
-  return resized.reshape(height, width, array.shape[2])
-
-
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-  """(round(H * scale), round(W * scale)), at least 1: the grid the model sees."""
-  return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+  """(round(H * scale), round(W * scale)) (half to even), at least 1: the grid the model sees
+  (model_grid.model_size with the scale as a ratio of integers)."""
+  ratio = model_grid.as_ratio(scale)
+  return model_grid.model_size(height, ratio), model_grid.model_size(width, ratio)
 
 
 def predict_arrays(forward: Forward, image_uint8: np.ndarray, aux_uint8: np.ndarray, *,
@@ -352,9 +351,11 @@ def predict_arrays(forward: Forward, image_uint8: np.ndarray, aux_uint8: np.ndar
     window, overlap, batch_size, pad_mode: as inference.predict_large.
     scaling: 'reference' (x / 255 * 3.2 - 1.6) or 'unit' (x / 255), as the model was trained.
     tta: average over the 8 dihedral symmetries (inference.tta_dihedral).
-    scale: the training scale, data.input_size / tile size: image and aux are resized to
-      scaled_size(H, W, scale) (resize_uint8, as the training pipeline), window and overlap
-      apply at that size, and the probabilities are resized back to (H, W) (cv2 bilinear).
+    scale: the training scale, data.input_size / tile size: image and aux are resized to the
+      model grid (round(H s), round(W s)) by model_grid.to_model_grid (bilinear with OpenCV's
+      uint8 arithmetic: on one dataset tile, the training pipeline's resize bit for bit), window
+      and overlap apply on that grid, and the probabilities come back to (H, W) by
+      model_grid.to_raster_grid. The rule is the streamed path's (cmmp_jax.model_grid).
 
   Returns:
     float32 (H, W) probabilities in [0, 1].
@@ -380,16 +381,16 @@ def predict_arrays(forward: Forward, image_uint8: np.ndarray, aux_uint8: np.ndar
   if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < 1e3:
     raise PredictInputError(f'scale must be a positive number; got {scale!r}')
   height, width = image_uint8.shape[:2]
-  model_height, model_width = scaled_size(height, width, scale)
-  image_uint8 = resize_uint8(image_uint8, model_height, model_width)
-  aux_uint8 = resize_uint8(aux_uint8, model_height, model_width)
+  ratio = model_grid.as_ratio(scale)
+  if ratio != 1:  # the resize rule streaming shares (cmmp_jax.model_grid)
+    image_uint8 = model_grid.to_model_grid(image_uint8, ratio)
+    aux_uint8 = model_grid.to_model_grid(aux_uint8, ratio)
   model = inference.tta_dihedral(forward) if tta else forward
   probabilities = inference.predict_large(
       _scaled_forward(model, scaling), image_uint8, aux_uint8, window=window, overlap=overlap,
       batch_size=batch_size, pad_mode=pad_mode)
-  if probabilities.shape != (height, width):
-    probabilities = cv2.resize(np.asarray(probabilities, np.float32), (width, height),
-                               interpolation=cv2.INTER_LINEAR)
+  if ratio != 1:
+    probabilities = model_grid.to_raster_grid(probabilities, height, width, ratio)
   # Blending averages window outputs, so values outside [0, 1] come from the forward itself.
   tolerance = 1e-6
   low, high = float(probabilities.min()), float(probabilities.max())
@@ -562,9 +563,10 @@ def stream_plan(image_path, *, mode: str, block_size: int, window: int, scale: f
 
   'off' never streams; 'auto' streams a georeferenced TIFF larger than block_size on a side when
   streaming supports it; 'on' streams every input and raises when one cannot be.
-  Streaming needs: a TIFF with a CRS, at least one window on each side, the training scale 1,
-  a per-pixel image rule ('bit_depth' or a recorded percentile stretch) and, for GPS, the
-  heat-map tile grid (preparation.tile_size).
+  Streaming needs: a TIFF with a CRS, at least one window on each side of the grid the model
+  sees (the raster's at scale 1, else the model grid, model_grid.model_size), a per-pixel image
+  rule ('bit_depth' or a recorded percentile stretch) and, for GPS, the heat-map tile grid
+  (preparation.tile_size). Any training scale streams (cmmp_jax.model_grid).
 
   Raises:
     PredictInputError: mode 'on' and the input cannot be streamed (the reason named).
@@ -581,14 +583,16 @@ def stream_plan(image_path, *, mode: str, block_size: int, window: int, scale: f
         height, width, crs = dataset.height, dataset.width, dataset.crs
     except rasterio.errors.RasterioError as error:
       raise PredictInputError(f'{image_path}: cannot open raster ({error})') from error
+    ratio = model_grid.as_ratio(scale)
+    model_height, model_width = (model_grid.model_size(n, ratio) for n in (height, width))
     if crs is None:
       reason = 'no CRS (GeoTIFF outputs need one)'
-    elif min(height, width) < window:
-      reason = f'a side is shorter than the window {window}'
+    elif min(model_height, model_width) < window:
+      reason = (f'a side is shorter than the window {window}' if ratio == 1 else
+                f'a side of the model grid ({model_height} x {model_width} px at scale '
+                f'{scale:g}) is shorter than the window {window}')
     elif mode == 'auto' and max(height, width) <= block_size:
       return False, f'fits one block ({block_size} px)'
-    elif scale != 1.0:
-      reason = f'the model scale is {scale:g} (streaming predicts at scale 1)'
     elif preparation.scaling == 'percentile' and preparation.stretch_low is None:
       reason = 'percentile scaling without a recorded stretch'
     elif uses_gps and preparation.tile_size is None:
@@ -654,7 +658,8 @@ def stream_inputs(image_path, *, aux_channels: int = 1, aux_suffix: str = '_gps'
 def predict_streamed(forward: Forward, inputs: stream.RasterInputs, output_dir, stem: str, *,
                      window: int, overlap: int, batch_size: int, scaling: str = 'reference',
                      tta: bool = False, threshold: float = 0.5, block_size: int = 4096,
-                     compress: str = 'deflate', cog: bool = False, model_id: str = '',
+                     scale: float = 1.0, compress: str = 'deflate', cog: bool = False,
+                     model_id: str = '',
                      aux_source: str = '', band_index: int = 0, band_count: int = 1,
                      wait_timeout_s: float | None = None, graph_config=None,
                      on_block: Callable[[int, int], Any] | None = None,
@@ -667,7 +672,13 @@ def predict_streamed(forward: Forward, inputs: stream.RasterInputs, output_dir, 
     forward: as predict_arrays (receives scaled windows).
     inputs, aux_source: from stream_inputs.
     window, overlap, batch_size, scaling, tta, threshold: as predict_arrays / write_prediction.
-    block_size, compress, cog: stream.predict_raster_blocks / stream.assemble_outputs.
+    block_size, compress, cog: stream.predict_raster_blocks / stream.assemble_outputs;
+      block_size is in raster pixels (at a scale s != 1 the model-grid blocks are
+      round(block_size * s) px, rounded up to whole model-grid heat-map tiles when T * s is a
+      whole number).
+    scale: the training scale (predict_arrays): at s != 1 blocks and windows run on the model
+      grid (stream.ModelGridInputs) and the GeoTIFFs are resized back block by block, with the
+      rule of predict_arrays (cmmp_jax.model_grid), so the outputs equal its bit for bit.
     model_id: the checkpoint, recorded so that a resumed run never mixes models.
     band_index, band_count: the share of this process (jax.process_index / process_count).
     wait_timeout_s: how long band 0 waits for the other bands without any new block landing
@@ -679,10 +690,16 @@ def predict_streamed(forward: Forward, inputs: stream.RasterInputs, output_dir, 
      > 0), 'blocks', 'resumed', 'windows', 'seconds'}.
   """
   model = inference.tta_dihedral(forward) if tta else forward
+  ratio = model_grid.as_ratio(scale)
+  grid_inputs, grid_block = inputs, block_size
+  if ratio != 1:
+    grid_inputs = stream.ModelGridInputs(inputs, ratio)
+    grid_block = max(1, round(block_size * ratio))
   result = stream.predict_raster_blocks(
-      _scaled_forward(model, scaling), inputs, output_dir, stem, window=window, overlap=overlap,
-      batch_size=batch_size, block_size=block_size, model_id=model_id, aux_source=aux_source,
-      tta=tta, band_index=band_index, band_count=band_count, on_block=on_block, log=log)
+      _scaled_forward(model, scaling), grid_inputs, output_dir, stem, window=window,
+      overlap=overlap, batch_size=batch_size, block_size=grid_block, model_id=model_id,
+      aux_source=aux_source, tta=tta, band_index=band_index, band_count=band_count,
+      on_block=on_block, log=log)
   summary = {'written': [], 'height': inputs.height, 'width': inputs.width,
              'road_fraction': None, **{k: result[k] for k in ('blocks', 'resumed', 'windows',
                                                                'seconds')}}
@@ -693,7 +710,8 @@ def predict_streamed(forward: Forward, inputs: stream.RasterInputs, output_dir, 
   paths = output_paths(output_dir, stem, georeferenced=True)
   written, road_pixels = stream.assemble_outputs(
       result['folder'], result['grid'], inputs.geo, paths['prob_tif'], paths['road_tif'],
-      threshold=threshold, compress=compress, cog=cog)
+      threshold=threshold, compress=compress, cog=cog, ratio=ratio,
+      raster_size=(inputs.height, inputs.width))
   summary['road_fraction'] = road_pixels / float(inputs.height * inputs.width)
   if graph_config is not None and graph_config.get('enabled', False):
     written = written + stream_graph.write_streamed_graph(output_dir, stem, paths['prob_tif'],
@@ -863,7 +881,7 @@ def predict_directory(forward: Forward, input_dir, output_dir, *, window: int, o
       result = predict_streamed(
           forward, inputs, output_dir, image_path.stem, window=window, overlap=overlap,
           batch_size=batch_size, scaling=scaling, tta=tta, threshold=threshold,
-          block_size=block_size, compress=compress, cog=cog, model_id=model_id,
+          block_size=block_size, scale=scale, compress=compress, cog=cog, model_id=model_id,
           aux_source=aux_source, band_index=shard_index, band_count=shard_count,
           wait_timeout_s=wait_timeout_s, graph_config=graph_config, on_block=on_block, log=log)
       seconds = time.perf_counter() - start

@@ -16,9 +16,18 @@ output for one window does not depend on the other windows of its batch). Window
 intersect the next block of the same block row are kept for it; windows crossing a block-row
 border are computed once per block row (about (block + window) / block of the work).
 
+Training scale s != 1 (a model trained on T px dataset tiles resized to s T): blocks and windows
+run on the MODEL grid (round(H s), round(W s)) through ModelGridInputs, which computes each
+model-grid window from the raster window under it (plus the bilinear margin) by the resize rule
+of cmmp_jax.model_grid, the one predict.predict_arrays applies to the whole raster; the blocks
+hold model-grid values, and assemble_outputs resizes them back to the raster grid block by block
+(each raster block from the model-grid window its taps read, across block borders). The outputs
+equal the in-memory path's bit for bit; memory stays bounded by block, window and batch size.
+
 Layout of a run, beside the outputs (output_dir/{stem}.stream/):
   progress.json   signature (input, size, settings) and the list of finished blocks
-  prob_{i}_{j}.npy  float32 probabilities of block (i, j), written atomically
+  prob_{i}_{j}.npy  float32 probabilities of block (i, j) (of the model grid at s != 1, before
+                    clipping to [0, 1]), written atomically
 A killed run resumes from the finished blocks; a run with another signature starts over.
 Several processes share one raster by taking bands of block rows (band_index / band_count);
 the folder must be shared (one filesystem). Once every block exists, `assemble_outputs` (one
@@ -43,7 +52,7 @@ import rasterio.errors
 import rasterio.shutil
 import rasterio.windows
 
-from cmmp_jax import inference
+from cmmp_jax import inference, model_grid
 from cmmp_jax.data import geo as geo_lib
 from cmmp_jax.data import heatmap as heatmap_lib
 from cmmp_jax.data import preparation as preparation_lib
@@ -173,6 +182,56 @@ class RasterInputs:
                                      col0 - tile_col0:col1 - tile_col0, None])
 
 
+class ModelGridInputs:
+  """The model inputs of a raster seen at a training scale s != 1 (cmmp_jax.model_grid), by
+  window of the MODEL grid: the same interface as RasterInputs, so that blocks and sliding
+  windows run on the grid the model sees, exactly as predict.predict_arrays runs on it in memory.
+
+  A model-grid window is computed from the raster window its bilinear taps read (the window
+  plus a pixel or two around it, clipped at the raster's edges), read by the RasterInputs: the
+  image prepared per pixel, the GPS heat-map rendered per dataset tile on the raster grid, then
+  both resized (model_grid.resize_uint8), so each pixel equals the whole-raster resize's.
+
+  Attributes:
+    height, width: the model grid (model_grid.model_size of the raster's); raster: the
+    RasterInputs; ratio: s as p / q; geo, image_path, preparation, aux_channels: the raster's;
+    tile: the heat-map tile on the model grid (T * s) when it is a whole number of pixels, else
+    None (blocks then need not be unions of tiles: any window resizes exactly).
+  """
+
+  def __init__(self, raster: RasterInputs, ratio):
+    self.raster = raster
+    self.ratio = ratio
+    self.height = model_grid.model_size(raster.height, ratio)
+    self.width = model_grid.model_size(raster.width, ratio)
+    self.image_path, self.preparation = raster.image_path, raster.preparation
+    self.aux_channels, self.geo = raster.aux_channels, raster.geo
+    model_tile = raster.tile * ratio if raster.tile else None
+    self.tile = int(model_tile) if model_tile is not None and model_tile.denominator == 1 else None
+
+  def _taps(self, row0, row1, col0, col1):
+    step = 1 / self.ratio
+    return (model_grid.axis_taps(row0, row1, self.raster.height, step, fixed_point=True,
+                                 vertical=True),
+            model_grid.axis_taps(col0, col1, self.raster.width, step, fixed_point=True,
+                                 vertical=False))
+
+  def _resized(self, read, row0, row1, col0, col1) -> np.ndarray:
+    rows, cols = self._taps(row0, row1, col0, col1)
+    (source_row0, source_row1), (source_col0, source_col1) = rows.source_range, cols.source_range
+    source = read(source_row0, source_row1, source_col0, source_col1)
+    return model_grid.resize_uint8(source, rows, cols, row_offset=source_row0,
+                                   col_offset=source_col0)
+
+  def image(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
+    """uint8 (row1 - row0, col1 - col0, 3): model-grid rows [row0, row1), cols [col0, col1)."""
+    return self._resized(self.raster.image, row0, row1, col0, col1)
+
+  def aux(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
+    """uint8 (row1 - row0, col1 - col0, C) aux of the same model-grid window."""
+    return self._resized(self.raster.aux, row0, row1, col0, col1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Block grid and bands.
 
@@ -275,12 +334,13 @@ def _signature_matches_folder(folder: pathlib.Path, signature: dict) -> bool:
   return True
 
 
-def make_signature(inputs: RasterInputs, *, window: int, overlap: int, block: int, tta: bool,
-                   model_id: str, aux_source: str) -> dict[str, Any]:
+def make_signature(inputs: RasterInputs | ModelGridInputs, *, window: int, overlap: int,
+                   block: int, tta: bool, model_id: str, aux_source: str) -> dict[str, Any]:
   """What a run's blocks depend on: resuming with another value starts over."""
   stat = inputs.image_path.stat()
   return {'image': str(inputs.image_path.resolve()), 'image_size': stat.st_size,
           'image_mtime_ns': stat.st_mtime_ns, 'height': inputs.height, 'width': inputs.width,
+          'scale': str(getattr(inputs, 'ratio', 1)),
           'window': window, 'overlap': overlap, 'block': block, 'tta': bool(tta),
           'model': model_id, 'aux': aux_source,
           'preparation': hashlib.sha256(json.dumps(inputs.preparation.to_json(),
@@ -303,8 +363,8 @@ def _check_probabilities(values: np.ndarray) -> np.ndarray:
   return np.clip(values, 0.0, 1.0)
 
 
-def predict_raster_blocks(forward: inference.Forward, inputs: RasterInputs, output_dir,
-                          stem: str, *, window: int, overlap: int, batch_size: int,
+def predict_raster_blocks(forward: inference.Forward, inputs: RasterInputs | ModelGridInputs,
+                          output_dir, stem: str, *, window: int, overlap: int, batch_size: int,
                           block_size: int = 4096, model_id: str = '', aux_source: str = '',
                           tta: bool = False, band_index: int = 0, band_count: int = 1,
                           on_block: Callable[[int, int], Any] | None = None,
@@ -315,11 +375,14 @@ def predict_raster_blocks(forward: inference.Forward, inputs: RasterInputs, outp
     forward: the predict_large forward: (B, w, w, 3) and (B, w, w, C) float32 windows holding
       uint8 values -> (B, w, w, 1) probabilities (predict.py wraps the model with the input
       scaling and, with tta, the dihedral average).
-    inputs: the raster (RasterInputs).
+    inputs: the raster (RasterInputs), or its model grid at a training scale != 1
+      (ModelGridInputs): blocks, windows and block_size are then on the model grid, and the
+      blocks hold the blended values BEFORE clipping to [0, 1] (checked, as in memory: the
+      in-memory path clips after resizing back; assemble_outputs resizes, then clips).
     output_dir, stem: blocks go to output_dir/{stem}.stream/.
-    window, overlap, batch_size: as inference.predict_large; the raster must be at least one
-      window on each side (smaller ones are predicted in memory).
-    block_size: output block side, rounded up to whole heat-map tiles.
+    window, overlap, batch_size: as inference.predict_large; the (model) grid must be at least
+      one window on each side (smaller ones are predicted in memory).
+    block_size: output block side, rounded up to whole heat-map tiles (inputs.tile).
     model_id: identifies the model (checkpoint) in the run's signature.
     aux_source: describes the aux (file, GPS, blank) in the signature.
     tta: recorded in the signature (the forward already includes it).
@@ -337,6 +400,7 @@ def predict_raster_blocks(forward: inference.Forward, inputs: RasterInputs, outp
     raise StreamError(f'{inputs.image_path}: {height} x {width} px is smaller than the window '
                       f'{window}; predict it in memory')
   grid = BlockGrid(height, width, block_side(block_size, inputs.tile))
+  on_model_grid = isinstance(inputs, ModelGridInputs)
   folder = stream_dir(output_dir, stem)
   folder.mkdir(parents=True, exist_ok=True)
   signature = make_signature(inputs, window=window, overlap=overlap, block=grid.block, tta=tta,
@@ -361,7 +425,10 @@ def predict_raster_blocks(forward: inference.Forward, inputs: RasterInputs, outp
   todo = [(i, j) for i in band for j in range(grid.cols) if (i, j) not in done]
   done = {block for block in done if block[0] in band}  # this band's progress file lists these
   _write_progress(folder, signature, band_index, done)
-  log(f'{stem}: {height} x {width} px in {grid.rows} x {grid.cols} blocks of {grid.block} px; '
+  where = (f'model grid {height} x {width} px (scale {inputs.ratio}, raster '
+           f'{inputs.raster.height} x {inputs.raster.width} px)' if on_model_grid
+           else f'{height} x {width} px')
+  log(f'{stem}: {where} in {grid.rows} x {grid.cols} blocks of {grid.block} px; '
       f'band {band_index + 1}/{band_count}: block rows {band.start}..{band.stop - 1}, '
       f'{len(todo)} to do, {len(done)} done before')
   start = time.perf_counter()
@@ -423,7 +490,10 @@ def predict_raster_blocks(forward: inference.Forward, inputs: RasterInputs, outp
       weight_sum[target] += weight_2d[part]
     del image, aux, outputs
     cache = kept
-    stitched = _check_probabilities((weighted_sum / weight_sum).astype(np.float32))
+    stitched = (weighted_sum / weight_sum).astype(np.float32)
+    checked = _check_probabilities(stitched)
+    stitched = stitched if on_model_grid else checked
+    del checked
     del weighted_sum, weight_sum
     _save_block(block_path(folder, i, j), stitched)
     done.add((i, j))
@@ -463,12 +533,78 @@ def output_profile(height: int, width: int, dtype: str, geo: geo_lib.GeoInfo,
   return profile
 
 
+def _load_block(folder: pathlib.Path, grid: BlockGrid, i: int, j: int, *,
+                mmap: bool = False) -> np.ndarray:
+  row0, row1, col0, col1 = grid.bounds(i, j)
+  path = block_path(folder, i, j)
+  try:
+    values = np.load(path, mmap_mode='r' if mmap else None, allow_pickle=False)
+  except (OSError, ValueError) as error:
+    raise StreamError(f'{path}: cannot read block ({error})') from error
+  if values.shape != (row1 - row0, col1 - col0) or values.dtype != np.float32:
+    raise StreamError(f'{path}: block is {values.dtype} {values.shape}, expected float32 '
+                      f'{(row1 - row0, col1 - col0)}')
+  return values
+
+
+def read_grid_window(folder: pathlib.Path, grid: BlockGrid, row0: int, row1: int, col0: int,
+                     col1: int) -> np.ndarray:
+  """float32 (row1 - row0, col1 - col0): rows [row0, row1), cols [col0, col1) of the grid's
+  values, copied from the blocks that hold them (memory-mapped: only those pixels are read)."""
+  out = np.empty((row1 - row0, col1 - col0), np.float32)
+  for i in range(row0 // grid.block, (row1 - 1) // grid.block + 1):
+    for j in range(col0 // grid.block, (col1 - 1) // grid.block + 1):
+      block_row0, _, block_col0, _ = grid.bounds(i, j)
+      values = _load_block(folder, grid, i, j, mmap=True)
+      a0, a1 = max(row0, block_row0), min(row1, block_row0 + values.shape[0])
+      b0, b1 = max(col0, block_col0), min(col1, block_col0 + values.shape[1])
+      out[a0 - row0:a1 - row0, b0 - col0:b1 - col0] = values[a0 - block_row0:a1 - block_row0,
+                                                             b0 - block_col0:b1 - block_col0]
+      del values
+  return out
+
+
+def _raster_blocks(folder: pathlib.Path, grid: BlockGrid, ratio, raster_size):
+  """Yields ((row0, row1, col0, col1), float32 probabilities in [0, 1]) of the raster grid.
+
+  At scale 1 these are the blocks themselves. At a scale s != 1 the blocks are on the model
+  grid: the raster is cut into blocks of ceil(block / s) px, and each is resized back from the
+  model-grid window its taps read (model_grid.resize_float32: exactly the pixels of
+  model_grid.to_raster_grid over the whole grid), then clipped to [0, 1] as in memory.
+  """
+  if ratio is None or ratio == 1:
+    for i in range(grid.rows):
+      for j in range(grid.cols):
+        yield grid.bounds(i, j), _load_block(folder, grid, i, j)
+    return
+  height, width = raster_size
+  raster_grid = BlockGrid(height, width, -(-grid.block * ratio.denominator // ratio.numerator))
+  for i in range(raster_grid.rows):
+    for j in range(raster_grid.cols):
+      row0, row1, col0, col1 = raster_grid.bounds(i, j)
+      rows = model_grid.axis_taps(row0, row1, grid.height, ratio, fixed_point=False,
+                                  vertical=True)
+      cols = model_grid.axis_taps(col0, col1, grid.width, ratio, fixed_point=False,
+                                  vertical=False)
+      (model_row0, model_row1), (model_col0, model_col1) = rows.source_range, cols.source_range
+      model = read_grid_window(folder, grid, model_row0, model_row1, model_col0, model_col1)
+      values = model_grid.resize_float32(model, rows, cols, row_offset=model_row0,
+                                         col_offset=model_col0)
+      del model
+      yield (row0, row1, col0, col1), np.clip(values, 0.0, 1.0)
+
+
 def assemble_outputs(folder: pathlib.Path, grid: BlockGrid, geo: geo_lib.GeoInfo,
                      prob_path, road_path, *, threshold: float = 0.5,
                      compress: str = 'deflate', cog: bool = False,
-                     remove_blocks: bool = True) -> tuple[list[pathlib.Path], int]:
+                     remove_blocks: bool = True, ratio=None,
+                     raster_size: tuple[int, int] | None = None
+                     ) -> tuple[list[pathlib.Path], int]:
   """Writes the probability (float32) and road (uint8 0/255, p > threshold) GeoTIFFs from the
   blocks of `folder`, block by block, each to a temporary file then os.replace'd.
+
+  With ratio (the training scale p / q, != 1) the blocks are on the model grid (ModelGridInputs)
+  and the files on the raster grid of raster_size (height, width): see _raster_blocks.
 
   Returns:
     (the two paths, the number of road pixels).
@@ -476,6 +612,10 @@ def assemble_outputs(folder: pathlib.Path, grid: BlockGrid, geo: geo_lib.GeoInfo
   Raises:
     StreamError: blocks are missing (names them) or have the wrong size.
   """
+  on_model_grid = ratio is not None and ratio != 1
+  if on_model_grid and raster_size is None:
+    raise StreamError(f'{folder}: blocks on the model grid (scale {ratio}) need the raster size')
+  height, width = raster_size if on_model_grid else (grid.height, grid.width)
   missing = missing_blocks(folder, grid)
   if missing:
     shown = ', '.join(str(block_path(folder, i, j).name) for i, j in missing[:5])
@@ -490,22 +630,17 @@ def assemble_outputs(folder: pathlib.Path, grid: BlockGrid, geo: geo_lib.GeoInfo
                                       dir=path.parent)
       os.close(handle)
       temps.append(temp)
-    profiles = [output_profile(grid.height, grid.width, d, geo, compress)
-                for d in ('float32', 'uint8')]
+    profiles = [output_profile(height, width, d, geo, compress) for d in ('float32', 'uint8')]
     with gdal_env(), rasterio.open(temps[0], 'w', **profiles[0]) as prob_file, \
         rasterio.open(temps[1], 'w', **profiles[1]) as road_file:
-      for i in range(grid.rows):
-        for j in range(grid.cols):
-          row0, row1, col0, col1 = grid.bounds(i, j)
-          values = np.load(block_path(folder, i, j), allow_pickle=False)
-          if values.shape != (row1 - row0, col1 - col0) or values.dtype != np.float32:
-            raise StreamError(f'{block_path(folder, i, j)}: block is {values.dtype} '
-                              f'{values.shape}, expected float32 {(row1 - row0, col1 - col0)}')
-          window = rasterio.windows.Window(col0, row0, col1 - col0, row1 - row0)
-          prob_file.write(values[None], window=window)
-          road = np.where(values > threshold, 255, 0).astype(np.uint8)
-          road_pixels += int(np.count_nonzero(road))
-          road_file.write(road[None], window=window)
+      for (row0, row1, col0, col1), values in _raster_blocks(
+          folder, grid, ratio if on_model_grid else None, (height, width)):
+        window = rasterio.windows.Window(col0, row0, col1 - col0, row1 - row0)
+        prob_file.write(values[None], window=window)
+        road = np.where(values > threshold, 255, 0).astype(np.uint8)
+        road_pixels += int(np.count_nonzero(road))
+        road_file.write(road[None], window=window)
+        del values, road
     if cog:
       for k, temp in enumerate(temps):
         cog_temp = temp + '.cog.tif'

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import rasterio.warp
 
-from cmmp_jax import config_checks, predict, train
+from cmmp_jax import config_checks, model_grid, predict, train
 from cmmp_jax.data import geo as geo_lib
 from cmmp_jax.data import pipeline
 from cmmp_jax.data import preparation as preparation_lib
@@ -181,7 +181,8 @@ def test_own_area_build_train_predict_on_the_original_raster(tmp_path, monkeypat
           'mask': np.zeros((TILE, TILE, 1), np.uint8)}
   trained_on = pipeline._ToModelInputs((128, 128), 'reference').map(tile)
   np.testing.assert_array_equal(
-      pipeline.scale_inputs(predict.resize_uint8(tile['aux'], 128, 128), 'reference'),
+      pipeline.scale_inputs(model_grid.to_model_grid(tile['aux'], model_grid.as_ratio(2.0)),
+                            'reference'),
       trained_on['aux'])
 
 

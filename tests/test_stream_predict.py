@@ -46,16 +46,18 @@ exec(FORWARD_SOURCE, namespace)
 box_forward = namespace['box_forward']
 
 
-def write_scene(folder, rng_seed=3):
+def write_scene(folder, rng_seed=3, height=HEIGHT, width=WIDTH):
   """A 3-band uint8 GeoTIFF in UTM 11N with GPS points (UTM metres) on two roads."""
   folder.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(rng_seed)
-  pixels = rng.integers(0, 256, size=(HEIGHT, WIDTH, 3)).astype(np.uint8)
+  geo = geo_lib.GeoInfo.from_bounds((WEST, NORTH - height, WEST + width, NORTH), height, width,
+                                    UTM)
+  pixels = rng.integers(0, 256, size=(height, width, 3)).astype(np.uint8)
   pixels[60:64] = 250
-  geo_lib.write_geotiff(folder / 'scene.tif', pixels, GEO)
-  cols = np.concatenate([rng.uniform(0, WIDTH + 15, 3000), rng.uniform(100, 104, 800)])
-  rows = np.concatenate([rng.uniform(60, 64, 3000), rng.uniform(-5, HEIGHT, 800)])
-  x, y = geo_lib.pixel_to_world(cols, rows, GEO.transform)
+  geo_lib.write_geotiff(folder / 'scene.tif', pixels, geo)
+  cols = np.concatenate([rng.uniform(0, width + 15, 3000), rng.uniform(100, 104, 800)])
+  rows = np.concatenate([rng.uniform(60, 64, 3000), rng.uniform(-5, height, 800)])
+  x, y = geo_lib.pixel_to_world(cols, rows, geo.transform)
   return folder / 'scene.tif', (np.asarray(x), np.asarray(y))
 
 
@@ -284,9 +286,10 @@ def test_cog_output_and_inputs_that_cannot_stream(tmp_path):
     predict.predict_directory(box_forward, image_path, tmp_path / 'o', blank_aux=True,
                               preparation=preparation_lib.InputPreparation(scaling='percentile'),
                               stream_mode='on', **SETTINGS)
-  with pytest.raises(predict.PredictInputError, match='model scale is 0.5'):
+  with pytest.raises(predict.PredictInputError, match=r'a side of the model grid \(15 x 17 px '
+                     r'at scale 0.1\) is shorter than the window 32'):
     predict.predict_directory(box_forward, image_path, tmp_path / 'o', blank_aux=True,
-                              scale=0.5, stream_mode='on', **SETTINGS)
+                              scale=0.1, stream_mode='on', **SETTINGS)
   with pytest.raises(predict.PredictInputError, match="stream must be one of"):
     predict.predict_directory(box_forward, image_path, tmp_path / 'o', blank_aux=True,
                               stream_mode='always', **SETTINGS)
@@ -357,3 +360,131 @@ def test_an_aux_raster_file_is_read_by_windows(tmp_path):
                      'not a TIFF'):
     predict.predict_directory(box_forward, tmp_path / 'tile.png', tmp_path / 'out3',
                               blank_aux=True, stream_mode='on', **SETTINGS)
+
+
+# ----------------------------------------------------------------------------------------------
+# A model trained at a scale s != 1 (data.input_size != the dataset's tile size).
+
+# Odd raster sizes (neither H * s nor the block a whole number), small blocks: the model-grid
+# blocks (block_size * s px), the windows (16 px, overlap 5) and the raster-grid blocks of the
+# back-resize all cross seams. (scale, heat-map tile, height, width): 0.6 * 16 is not a whole
+# number of model pixels, so model-grid blocks do not follow the heat-map tiles there.
+SCALED = [(0.5, 20, 151, 173), (0.75, 32, 149, 171), (0.6, 16, 150, 167)]
+SCALED_SETTINGS = dict(window=16, overlap=5, batch_size=3, block_size=32, scaling='reference')
+
+
+def scaled_in_memory(image_path, points, record, scale):
+  tile = predict.load_tile(image_path, gps_points=points, preparation=record)
+  return predict.predict_arrays(box_forward, tile.image, tile.aux, window=16, overlap=5,
+                                batch_size=4, scaling='reference', scale=scale)
+
+
+@pytest.mark.parametrize('scale, tile, height, width', SCALED)
+def test_a_model_trained_at_another_scale_streams_the_in_memory_bits(tmp_path, scale, tile,
+                                                                     height, width):
+  image_path, points = write_scene(tmp_path / 'in', height=height, width=width)
+  record = preparation_lib.InputPreparation(gps_crs=UTM, tile_size=tile)
+  lines = []
+  summary = predict.predict_directory(
+      box_forward, image_path, tmp_path / 'out', gps_csv=write_csv(tmp_path / 'gps.csv', points),
+      preparation=record, scale=scale, stream_mode='on', threshold=0.3, log=lines.append,
+      **SCALED_SETTINGS)
+  expected = scaled_in_memory(image_path, points, record, scale)
+  assert expected.shape == (height, width) and 0 < np.mean(expected > 0.3) < 0.2
+  prob, dataset = read_band(tmp_path / 'out' / 'scene_prob.tif')
+  assert prob.dtype == np.float32 and np.array_equal(prob, expected)
+  np.testing.assert_array_equal(read_band(tmp_path / 'out' / 'scene_road.tif')[0],
+                                predict.road_mask_uint8(expected, 0.3))
+  assert (dataset.height, dataset.width) == (height, width)
+  [result] = summary['tiles']
+  model_height, model_width = predict.scaled_size(height, width, scale)
+  model_block = round(32 * scale)
+  if (tile * scale).is_integer():
+    model_block = -(-model_block // int(tile * scale)) * int(tile * scale)
+  assert result['streamed'] and result['blocks'] == (
+      -(-model_height // model_block) * -(-model_width // model_block)) >= 12
+  assert any(f'model grid {model_height} x {model_width} px' in line for line in lines)
+
+
+def test_a_one_tile_raster_at_scale_two_thirds_gives_the_model_its_training_inputs():
+  """In memory, a raster of one dataset tile (24 px, trained at 16) reaches the forward as the
+  training pipeline resized it (cv2), although the resize is model_grid's own."""
+  from cmmp_jax.data import pipeline
+  rng = np.random.default_rng(4)
+  image = rng.integers(0, 256, size=(24, 24, 3)).astype(np.uint8)
+  aux = rng.integers(0, 256, size=(24, 24, 1)).astype(np.uint8)
+  seen = []
+
+  def recording_forward(image_batch, aux_batch):
+    seen.append((np.asarray(image_batch)[0].copy(), np.asarray(aux_batch)[0].copy()))
+    return box_forward(image_batch, aux_batch)
+
+  predict.predict_arrays(recording_forward, image, aux, window=16, overlap=4, batch_size=1,
+                         scale=16 / 24)
+  trained_on = pipeline._ToModelInputs((16, 16), 'reference').map(
+      {'image': image, 'aux': aux, 'mask': np.zeros((24, 24, 1), np.uint8)})
+  [(seen_image, seen_aux)] = seen
+  np.testing.assert_array_equal(seen_image, trained_on['image'])
+  np.testing.assert_array_equal(seen_aux, trained_on['aux'])
+
+
+def test_a_killed_run_at_another_scale_resumes_to_the_same_bits(tmp_path):
+  scale, tile, height, width = SCALED[1]
+  image_path, points = write_scene(tmp_path / 'in', height=height, width=width)
+  record = preparation_lib.InputPreparation(gps_crs=UTM, tile_size=tile)
+  calls = []
+
+  def counting_forward(image, aux):
+    calls.append(len(image))
+    return box_forward(image, aux)
+
+  def stop_at_1_1(i, j):
+    if (i, j) == (1, 1):  # the 8th of 5 x 6 model-grid blocks of 24 px
+      raise Interrupt
+  run = dict(gps_csv=write_csv(tmp_path / 'gps.csv', points), preparation=record, scale=scale,
+             stream_mode='on', log=lambda _: None, model_id='step 5', **SCALED_SETTINGS)
+  with pytest.raises(Interrupt):
+    predict.predict_directory(counting_forward, image_path, tmp_path / 'out',
+                              on_block=stop_at_1_1, **run)
+  folder = tmp_path / 'out' / 'scene.stream'
+  progress = json.loads((folder / 'progress.json').read_text())
+  assert len(progress['done']) == 8 and progress['signature']['scale'] == '3/4'
+  assert not (tmp_path / 'out' / 'scene_prob.tif').exists()
+  first_calls = len(calls)
+  summary = predict.predict_directory(counting_forward, image_path, tmp_path / 'out', **run)
+  assert summary['tiles'][0]['blocks'] == 22 and summary['tiles'][0]['resumed_blocks'] == 8
+  resumed_calls = len(calls) - first_calls
+  calls.clear()
+  predict.predict_directory(counting_forward, image_path, tmp_path / 'whole', **run)
+  assert resumed_calls < len(calls)
+  expected = scaled_in_memory(image_path, points, record, scale)
+  for folder in ('out', 'whole'):
+    np.testing.assert_array_equal(read_band(tmp_path / folder / 'scene_prob.tif')[0], expected)
+  # Blocks of another scale are never reused: the same folder at scale 0.5 starts over.
+  with pytest.raises(Interrupt):
+    predict.predict_directory(counting_forward, image_path, tmp_path / 'other',
+                              on_block=stop_at_1_1, **run)
+  summary = predict.predict_directory(counting_forward, image_path, tmp_path / 'other',
+                                      **{**run, 'scale': 0.5})
+  assert summary['tiles'][0]['resumed_blocks'] == 0
+  np.testing.assert_array_equal(read_band(tmp_path / 'other' / 'scene_prob.tif')[0],
+                                scaled_in_memory(image_path, points, record, 0.5))
+
+
+def test_bands_at_another_scale_assemble_the_in_memory_bits(tmp_path):
+  """Two bands of model-grid block rows run one after the other (as two processes would); band 0
+  waits for band 1's blocks, then resizes back across the band border."""
+  scale, tile, height, width = SCALED[2]
+  image_path, points = write_scene(tmp_path / 'in', height=height, width=width)
+  record = preparation_lib.InputPreparation(gps_crs=UTM, tile_size=tile)
+  inputs, source = predict.stream_inputs(image_path, gps_points=points, preparation=record)
+  run = dict(window=16, overlap=5, batch_size=3, block_size=32, scale=scale, band_count=2,
+             aux_source=source, wait_timeout_s=5, log=lambda _: None)
+  second = predict.predict_streamed(box_forward, inputs, tmp_path / 'out', 'scene', band_index=1,
+                                    **run)
+  assert second['written'] == [] and second['blocks'] == 3 * 6  # block rows 2-4 of 5
+  first = predict.predict_streamed(box_forward, inputs, tmp_path / 'out', 'scene', band_index=0,
+                                   **run)
+  assert first['blocks'] == 2 * 6 and len(first['written']) == 2
+  np.testing.assert_array_equal(read_band(tmp_path / 'out' / 'scene_prob.tif')[0],
+                                scaled_in_memory(image_path, points, record, scale))

@@ -625,6 +625,13 @@ class _AreaChecks:
   counts, so that a streamed area need not hold the arrays) and the tiles. Subclasses set spec,
   imagery_path, geo, height, width, preparation and counts."""
 
+  def _set_spec(self, spec: CustomSpec, base_dir: pathlib.Path | None, source: str) -> None:
+    """spec and the imagery's path (which must exist)."""
+    self.spec = spec
+    self.imagery_path = resolve(spec.imagery, base_dir, source)
+    if not self.imagery_path.is_file():
+      raise common.MissingFileError(self.imagery_path, 'imagery GeoTIFF not found')
+
   def _extent_text(self, crs) -> str:
     """The raster's bounds in `crs`, for messages."""
     west, south, east, north = self.geo.bounds
@@ -737,10 +744,7 @@ class Area(_AreaChecks):
   """
 
   def __init__(self, spec: CustomSpec, base_dir: pathlib.Path | None, source: str):
-    self.spec = spec
-    self.imagery_path = resolve(spec.imagery, base_dir, source)
-    if not self.imagery_path.is_file():
-      raise common.MissingFileError(self.imagery_path, 'imagery GeoTIFF not found')
+    self._set_spec(spec, base_dir, source)
     try:
       raster = reading.read_raster(self.imagery_path)
       if raster.geo is None:
@@ -814,12 +818,9 @@ class StreamingArea(_AreaChecks):
 
   def __init__(self, spec: CustomSpec, base_dir: pathlib.Path | None, source: str,
                work_dir: pathlib.Path | str, gps_chunk_rows: int | None = None):
-    self.spec = spec
     self.work_dir = pathlib.Path(work_dir)
     self.work_dir.mkdir(parents=True, exist_ok=True)
-    self.imagery_path = resolve(spec.imagery, base_dir, source)
-    if not self.imagery_path.is_file():
-      raise common.MissingFileError(self.imagery_path, 'imagery GeoTIFF not found')
+    self._set_spec(spec, base_dir, source)
     try:
       self.imagery = streaming.ImageryWindows(self.imagery_path, spec.preparation(),
                                               strip_rows=spec.tile_size)
@@ -1083,10 +1084,7 @@ class BeamArea(_AreaChecks):
   """
 
   def __init__(self, spec: CustomSpec, base_dir: pathlib.Path | None, source: str):
-    self.spec = spec
-    self.imagery_path = resolve(spec.imagery, base_dir, source)
-    if not self.imagery_path.is_file():
-      raise common.MissingFileError(self.imagery_path, 'imagery GeoTIFF not found')
+    self._set_spec(spec, base_dir, source)
     try:
       with streaming.ImageryWindows(self.imagery_path, spec.preparation(),
                                     strip_rows=spec.tile_size) as imagery:
