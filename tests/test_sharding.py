@@ -190,14 +190,18 @@ def test_main_py_on_two_processes_trains_resumes_and_survives_a_preemption(tmp_p
   assert list(workdir.glob("eval_test_*.json")), sorted(p.name for p in workdir.iterdir())
   codes, logs = _main_py_two_processes(workdir, data_dir, 6, "predict", mode="predict")
   assert codes == [0, 0], [log[-3000:] for log in logs]
-  assert "2 files by process 0" in logs[0] and "2 files by process 1" in logs[1]
+  # One tile each: its probability, road and label PNGs, graph GeoJSON / GraphML and overlay.
+  assert "6 files by process 0" in logs[0] and "6 files by process 1" in logs[1]
   assert len(list((workdir / "predictions").glob("*_prob.png"))) == 2
   codes, logs = _main_py_two_processes(workdir, data_dir, 400, "second",
                                        terminate_process_1_at=12)
-  assert codes == [0, 0], [log[-3000:] for log in logs]
-  saved = [line for log in logs for line in log.splitlines() if line.startswith("SIGTERM")]
+  # Both save the same step and exit 143 (128 + SIGTERM: preempted), process 0 with the group.
+  assert codes == [143, 143], [log[-3000:] for log in logs]
+  saved = [line for log in logs for line in log.splitlines()
+           if line.startswith("SIGTERM: saving step")]
   assert len(saved) == 2 and saved[0] == saved[1], saved  # the same step on both processes
   # Process 0 prints it; every process logs it (process 1's console carries only its own lines).
+  assert f"SIGTERM: saved step {saved[0].split()[3]} in" in logs[0]  # where, for the user
   assert "Resumed from step 6" in logs[0]
   assert "Resumed from step 6" in (workdir / "log.1.txt").read_text()
   step = int(saved[0].split()[3])
